@@ -1,0 +1,2380 @@
+//! # Todo API
+//!
+//! A Todo backend that speaks the same HTTP contract as the FastAPI + SQLModel + JWT original
+//! (see `API.md`), so the Next.js frontends written for it work unchanged. One file, read top to
+//! bottom:
+//!
+//! 1. **Configuration** — environment and `.env`, validated once at startup.
+//! 2. **Models** — the diesel schema, row structs, request and response types, validation.
+//! 3. **Database pool** — bb8 over diesel-async: SQLite by default, PostgreSQL by URL, with one
+//!    query code path for both.
+//! 4. **Auth extractor** — `CurrentUser`, the actix `FromRequest` guard that turns a bearer
+//!    token into a user, like FastAPI's `get_current_user` dependency.
+//! 5. **Routes**, grouped by OpenAPI tag: health, auth, users, tasks.
+//! 6. **Startup** — migrations, app assembly, graceful shutdown.
+//!
+//! Errors are one type, [`ApiError`], that renders FastAPI's `{"detail": …}` JSON; handlers
+//! just use `?`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ResourceDef, ServiceRequest, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{
+    delete, get, middleware, patch, post, put, web, App, FromRequest, HttpRequest, HttpResponse,
+    HttpServer, ResponseError,
+};
+use chrono::{NaiveDateTime, SubsecRound, Utc};
+use diesel::prelude::*;
+use diesel::sqlite::SqliteConnection;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
+use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
+use futures_util::StreamExt;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::json;
+use utoipa::openapi::security::{
+    Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityScheme,
+};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa_actix_web::AppExt;
+use utoipa_swagger_ui::SwaggerUi;
+
+// =================================================================================================
+// 1. Configuration
+// =================================================================================================
+
+/// Everything the server reads from its environment, parsed and checked before anything starts:
+/// a value that is set but wrong stops the process with one line naming the variable.
+struct Config {
+    database: DatabaseUrl,
+    host: String,
+    port: u16,
+    jwt_secret: Vec<u8>,
+    /// No secret was configured: tokens die with the process, so say so at startup.
+    jwt_secret_is_random: bool,
+    access_token_ttl: Duration,
+    jwks_url: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    cors_origins: Vec<String>,
+    bcrypt_cost: u32,
+    pool_size: Option<u32>,
+    pool_timeout: Duration,
+    trusted_proxies: Vec<IpAddr>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum DatabaseUrl {
+    /// A file path, or `:memory:`.
+    Sqlite(String),
+    Postgres(String),
+}
+
+/// A configuration problem: which variable, and what is wrong with it.
+#[derive(Debug)]
+struct ConfigError {
+    variable: &'static str,
+    problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.variable, self.problem)
+    }
+}
+
+fn config_error(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { variable, problem: problem.into() }
+}
+
+/// A variable's value; set-but-empty counts as unset, as it does for most twelve-factor apps.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn parse_env<T: FromStr>(
+    name: &'static str,
+    default: T,
+    valid: impl Fn(&T) -> bool,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match env_var(name) {
+        None => Ok(default),
+        Some(raw) => match raw.trim().parse::<T>() {
+            Ok(value) if valid(&value) => Ok(value),
+            _ => Err(config_error(name, format!("expected {expected}, got {raw:?}"))),
+        },
+    }
+}
+
+fn comma_separated(raw: Option<String>) -> Vec<String> {
+    raw.map(|r| r.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
+        .unwrap_or_default()
+}
+
+impl Config {
+    fn from_env() -> Result<Config, ConfigError> {
+        // The environment wins over `.env`: dotenvy never overwrites a variable that is set.
+        match dotenvy::from_path(".env") {
+            Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(config_error(".env", e.to_string())),
+            Ok(()) => {}
+        }
+
+        let database = parse_database_url(
+            &env_var("DATABASE_URL").unwrap_or_else(|| "sqlite://todo.db".into()),
+        )?;
+
+        let (jwt_secret, secret_variable) = match env_var("JWT_SECRET") {
+            Some(secret) => (Some(secret), "JWT_SECRET"),
+            None => (env_var("BETTER_AUTH_SECRET"), "BETTER_AUTH_SECRET"),
+        };
+        let jwt_secret_is_random = jwt_secret.is_none();
+        let jwt_secret = match jwt_secret {
+            Some(secret) if secret.len() < 32 => {
+                return Err(config_error(
+                    secret_variable,
+                    format!("must be at least 32 bytes, got {}", secret.len()),
+                ))
+            }
+            Some(secret) => secret.into_bytes(),
+            None => rand::random::<[u8; 32]>().to_vec(),
+        };
+
+        let jwks_url = env_var("JWT_JWKS_URL");
+        if let Some(url) = &jwks_url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return Err(config_error("JWT_JWKS_URL", format!("not an http(s) URL: {url:?}"))),
+            }
+        }
+
+        let cors_origins = comma_separated(env_var("CORS_ORIGINS"));
+        for origin in &cors_origins {
+            let valid = reqwest::Url::parse(origin).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.path() == "/"
+                    && !origin.ends_with('/')
+            });
+            if !valid {
+                return Err(config_error(
+                    "CORS_ORIGINS",
+                    format!("{origin:?} is not an origin like http://localhost:3000"),
+                ));
+            }
+        }
+
+        let trusted_proxies = comma_separated(env_var("TRUSTED_PROXIES"))
+            .iter()
+            .map(|ip| {
+                ip.parse::<IpAddr>().map_err(|_| {
+                    config_error("TRUSTED_PROXIES", format!("{ip:?} is not an IP address"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+
+        let pool_timeout_secs: f64 = parse_env(
+            "DATABASE_POOL_TIMEOUT",
+            2.0,
+            |s| *s > 0.0 && *s <= 3600.0,
+            "seconds between 0 and 3600",
+        )?;
+
+        Ok(Config {
+            database,
+            host: env_var("HOST").unwrap_or_else(|| "127.0.0.1".into()),
+            port: parse_env("PORT", 8000, |_| true, "a port number (0-65535)")?,
+            jwt_secret,
+            jwt_secret_is_random,
+            access_token_ttl: Duration::from_secs(
+                60 * parse_env(
+                    "ACCESS_TOKEN_EXPIRE_MINUTES",
+                    30u64,
+                    |m| (1..=525_600).contains(m),
+                    "minutes from 1 to 525600",
+                )?,
+            ),
+            jwks_url,
+            jwt_issuer: env_var("JWT_ISSUER"),
+            jwt_audience: env_var("JWT_AUDIENCE"),
+            cors_origins,
+            bcrypt_cost: parse_env("BCRYPT_COST", 12, |c| (4..=31).contains(c), "4 to 31")?,
+            pool_size: match env_var("DATABASE_POOL_SIZE") {
+                None => None,
+                Some(_) => Some(parse_env("DATABASE_POOL_SIZE", 0u32, |n| (1..=1000).contains(n), "1 to 1000")?),
+            },
+            pool_timeout: Duration::from_secs_f64(pool_timeout_secs),
+            trusted_proxies,
+        })
+    }
+}
+
+fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
+    let invalid = |why: &str| config_error("DATABASE_URL", format!("{why}: {:?}", redact_url(url)));
+    if url == "sqlite::memory:" || url == "sqlite://:memory:" {
+        // diesel's SQLite driver knows only SQLite's own spelling.
+        Ok(DatabaseUrl::Sqlite(":memory:".into()))
+    } else if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if path.is_empty() {
+            return Err(invalid("no file path after sqlite://"));
+        }
+        Ok(DatabaseUrl::Sqlite(path.into()))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        url.parse::<tokio_postgres::Config>()
+            .map_err(|e| invalid(&format!("not a valid PostgreSQL URL ({e})")))?;
+        Ok(DatabaseUrl::Postgres(url.into()))
+    } else {
+        Err(invalid("expected sqlite://PATH, sqlite::memory: or postgres://…"))
+    }
+}
+
+/// A database URL fit for a log line: the password, if any, replaced.
+fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+// =================================================================================================
+// 2. Models
+// =================================================================================================
+
+// One schema serves both backends. Timestamps are UTC without a zone on both, so SQLite and
+// PostgreSQL read back exactly what was written (microseconds: see `now()`).
+diesel::table! {
+    users (id) {
+        id -> Text,
+        email -> Text,
+        name -> Nullable<Text>,
+        /// NULL for users who sign in through an external issuer and have no password here.
+        password_hash -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    tasks (id) {
+        id -> BigInt,
+        user_id -> Text,
+        title -> Text,
+        description -> Nullable<Text>,
+        completed -> Bool,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::joinable!(tasks -> users (user_id));
+diesel::allow_tables_to_appear_in_same_query!(users, tasks);
+
+#[diesel::declare_sql_function]
+extern "SQL" {
+    /// SQL's `lower()`. PostgreSQL folds Unicode; on SQLite, whose built-in folds only ASCII,
+    /// every connection replaces it with Rust's `str::to_lowercase` (see the pool).
+    fn lower(text: diesel::sql_types::Nullable<diesel::sql_types::Text>) -> diesel::sql_types::Nullable<diesel::sql_types::Text>;
+}
+
+/// The current time as stored: UTC, truncated to microseconds because PostgreSQL keeps no more.
+fn now() -> NaiveDateTime {
+    Utc::now().naive_utc().trunc_subsecs(6)
+}
+
+/// Times go out as RFC 3339 in UTC with a `Z`, e.g. `2026-11-28T18:45:34.123456Z`.
+fn rfc3339<S: Serializer>(time: &NaiveDateTime, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&time.format("%Y-%m-%dT%H:%M:%S%.6fZ"))
+}
+
+/// A user as clients see it. It has no password hash field, so no response can leak one.
+#[derive(Queryable, Selectable, Serialize, ToSchema, Debug)]
+#[diesel(table_name = users)]
+struct User {
+    #[schema(example = "9b2f7c3e-4a51-4f0e-9a8e-2d1c5b7e6f10")]
+    id: String,
+    #[schema(example = "alice@example.com")]
+    email: String,
+    name: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    created_at: NaiveDateTime,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    updated_at: NaiveDateTime,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = users)]
+struct NewUser<'a> {
+    id: &'a str,
+    email: &'a str,
+    name: Option<&'a str>,
+    password_hash: Option<&'a str>,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
+
+#[derive(AsChangeset)]
+#[diesel(table_name = users)]
+struct UserChanges {
+    /// `None`: leave it; `Some(None)`: clear it.
+    name: Option<Option<String>>,
+    email: Option<String>,
+    updated_at: NaiveDateTime,
+}
+
+#[derive(Queryable, Selectable, Serialize, ToSchema, Debug)]
+#[diesel(table_name = tasks)]
+struct Task {
+    #[schema(example = 1)]
+    id: i64,
+    user_id: String,
+    #[schema(example = "Buy milk")]
+    title: String,
+    description: Option<String>,
+    completed: bool,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    created_at: NaiveDateTime,
+    #[serde(serialize_with = "rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    updated_at: NaiveDateTime,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = tasks)]
+struct NewTask<'a> {
+    user_id: &'a str,
+    title: &'a str,
+    description: Option<&'a str>,
+    completed: bool,
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
+}
+
+/// One changeset for PUT (every field) and PATCH (only the fields sent).
+#[derive(AsChangeset)]
+#[diesel(table_name = tasks)]
+struct TaskChanges {
+    title: Option<String>,
+    description: Option<Option<String>>,
+    completed: Option<bool>,
+    updated_at: NaiveDateTime,
+}
+
+// ----- Request and response bodies ---------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema)]
+struct RegisterRequest {
+    #[schema(format = "email", max_length = 254, example = "alice@example.com")]
+    email: String,
+    #[schema(min_length = 8, max_length = 72, format = Password)]
+    password: String,
+    #[schema(max_length = 100)]
+    name: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema)]
+struct LoginRequest {
+    #[schema(format = "email", example = "alice@example.com")]
+    email: String,
+    #[schema(format = Password)]
+    password: String,
+}
+
+/// The OAuth2 password flow's form (what FastAPI's `OAuth2PasswordRequestForm` reads).
+#[derive(Deserialize, ToSchema)]
+struct TokenForm {
+    /// The account's email.
+    username: String,
+    #[schema(format = Password)]
+    password: String,
+    #[schema(pattern = "^password$")]
+    grant_type: Option<String>,
+    #[serde(default)]
+    scope: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct TokenResponse {
+    access_token: String,
+    #[schema(example = "bearer")]
+    token_type: &'static str,
+    /// Lifetime of the token in seconds.
+    #[schema(example = 1800)]
+    expires_in: u64,
+}
+
+#[derive(Deserialize, ToSchema)]
+struct UserUpdate {
+    /// `null` clears the name; leaving the key out keeps it.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, max_length = 100)]
+    name: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, format = "email", max_length = 254)]
+    email: Option<Option<String>>,
+}
+
+#[derive(Deserialize, ToSchema)]
+struct PasswordChange {
+    #[schema(format = Password)]
+    current_password: String,
+    #[schema(min_length = 8, max_length = 72, format = Password)]
+    new_password: String,
+}
+
+/// The body of `POST` (create) and `PUT` (full replace) on a task.
+#[derive(Deserialize, ToSchema)]
+struct TaskInput {
+    #[schema(min_length = 1, max_length = 200, example = "Buy milk")]
+    title: String,
+    #[schema(max_length = 1000)]
+    description: Option<String>,
+    #[serde(default)]
+    completed: bool,
+}
+
+/// The body of `PATCH` on a task: only the keys sent change; `"description": null` clears it.
+#[derive(Deserialize, ToSchema)]
+struct TaskPatch {
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 200)]
+    title: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>, max_length = 1000)]
+    description: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<bool>)]
+    completed: Option<Option<bool>>,
+}
+
+/// Tells a key sent as `null` (`Some(None)`) from a key left out (`None`, via `#[serde(default)]`).
+fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, IntoParams, Default)]
+#[into_params(parameter_in = Query)]
+struct TaskListQuery {
+    /// Which tasks to list.
+    #[serde(default)]
+    status: StatusFilter,
+    #[serde(default)]
+    sort: SortKey,
+    /// Sort direction; ties are broken by id in the same direction.
+    #[serde(default)]
+    order: SortOrder,
+    /// Case-insensitive substring of the title or the description.
+    #[param(max_length = 200)]
+    q: Option<String>,
+    #[param(minimum = 1, maximum = 1000, default = 100)]
+    limit: Option<i64>,
+    #[param(minimum = 0, default = 0)]
+    offset: Option<i64>,
+}
+
+#[derive(Deserialize, ToSchema, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum StatusFilter {
+    #[default]
+    All,
+    Pending,
+    Completed,
+}
+
+#[derive(Deserialize, ToSchema, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum SortKey {
+    #[default]
+    Created,
+    Updated,
+    Title,
+}
+
+#[derive(Deserialize, ToSchema, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum SortOrder {
+    Asc,
+    #[default]
+    Desc,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Health {
+    #[schema(example = "ok")]
+    status: &'static str,
+    #[schema(example = "ok")]
+    database: String,
+}
+
+/// Every error but 422: `{"detail": "…"}`.
+#[derive(Serialize, ToSchema)]
+struct ErrorDetail {
+    #[schema(example = "Task not found")]
+    detail: String,
+}
+
+/// 422: `{"detail": [{"loc": ["body", "title"], "msg": "…", "type": "…"}]}`, as FastAPI.
+#[derive(Serialize, ToSchema)]
+struct ValidationErrorBody {
+    detail: Vec<FieldError>,
+}
+
+#[derive(Serialize, ToSchema, Debug, Clone)]
+struct FieldError {
+    #[schema(value_type = Vec<String>, example = json!(["body", "title"]))]
+    loc: Vec<serde_json::Value>,
+    msg: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+fn field_error(loc: &[&str], msg: impl Into<String>, kind: &str) -> FieldError {
+    FieldError { loc: loc.iter().map(|p| json!(p)).collect(), msg: msg.into(), kind: kind.into() }
+}
+
+// ----- Validation: what pydantic did for the Python original ------------------------------------
+
+/// Checks (and normalizes) a parsed body; every problem found is reported at once.
+trait Validate {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>>;
+}
+
+const TITLE_MAX_CHARS: usize = 200;
+const DESCRIPTION_MAX_CHARS: usize = 1000;
+const NAME_MAX_CHARS: usize = 100;
+const EMAIL_MAX_CHARS: usize = 254;
+const PASSWORD_MIN_CHARS: usize = 8;
+/// bcrypt reads only this many bytes; longer passwords are refused, never silently truncated.
+const PASSWORD_MAX_BYTES: usize = 72;
+
+/// Emails compare case-insensitively: stored trimmed and lower-cased.
+fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+fn check_email(email: &mut String, field: &str, errors: &mut Vec<FieldError>) {
+    *email = normalize_email(email);
+    let well_formed = email.chars().count() <= EMAIL_MAX_CHARS
+        && email_address::EmailAddress::is_valid(email)
+        && email.rsplit_once('@').is_some_and(|(_, domain)| {
+            domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+        });
+    if !well_formed {
+        errors.push(field_error(&["body", field], "value is not a valid email address", "value_error"));
+    }
+}
+
+fn check_password(password: &str, field: &str, errors: &mut Vec<FieldError>) {
+    if password.chars().count() < PASSWORD_MIN_CHARS {
+        errors.push(field_error(
+            &["body", field],
+            format!("String should have at least {PASSWORD_MIN_CHARS} characters"),
+            "string_too_short",
+        ));
+    } else if password.len() > PASSWORD_MAX_BYTES {
+        errors.push(field_error(
+            &["body", field],
+            format!("Password must be at most {PASSWORD_MAX_BYTES} bytes (bcrypt's limit)"),
+            "string_too_long",
+        ));
+    }
+}
+
+fn check_max_chars(value: &str, max: usize, field: &str, errors: &mut Vec<FieldError>) {
+    if value.chars().count() > max {
+        errors.push(field_error(
+            &["body", field],
+            format!("String should have at most {max} characters"),
+            "string_too_long",
+        ));
+    }
+}
+
+fn check_title(title: &mut String, errors: &mut Vec<FieldError>) {
+    *title = title.trim().to_string();
+    if title.is_empty() {
+        errors.push(field_error(&["body", "title"], "String should have at least 1 character", "string_too_short"));
+    }
+    check_max_chars(title, TITLE_MAX_CHARS, "title", errors);
+}
+
+fn errors_or_ok(errors: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
+    if errors.is_empty() { Ok(()) } else { Err(errors) }
+}
+
+impl Validate for RegisterRequest {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        check_email(&mut self.email, "email", &mut errors);
+        check_password(&self.password, "password", &mut errors);
+        if let Some(name) = &self.name {
+            check_max_chars(name, NAME_MAX_CHARS, "name", &mut errors);
+        }
+        errors_or_ok(errors)
+    }
+}
+
+/// Login bodies are not validated beyond their shape: a malformed email or an impossible
+/// password is just a failed login (401), so it looks like every other failed login.
+impl Validate for LoginRequest {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        Ok(())
+    }
+}
+
+impl Validate for TokenForm {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        match self.grant_type.as_deref() {
+            None | Some("password") => Ok(()),
+            Some(_) => Err(vec![field_error(
+                &["body", "grant_type"],
+                "String should match pattern '^password$'",
+                "string_pattern_mismatch",
+            )]),
+        }
+    }
+}
+
+impl Validate for UserUpdate {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        match &mut self.email {
+            Some(Some(email)) => check_email(email, "email", &mut errors),
+            Some(None) => errors.push(field_error(&["body", "email"], "Input should be a valid string", "string_type")),
+            None => {}
+        }
+        if let Some(Some(name)) = &self.name {
+            check_max_chars(name, NAME_MAX_CHARS, "name", &mut errors);
+        }
+        errors_or_ok(errors)
+    }
+}
+
+impl Validate for PasswordChange {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        check_password(&self.new_password, "new_password", &mut errors);
+        errors_or_ok(errors)
+    }
+}
+
+impl Validate for TaskInput {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        check_title(&mut self.title, &mut errors);
+        if let Some(description) = &self.description {
+            check_max_chars(description, DESCRIPTION_MAX_CHARS, "description", &mut errors);
+        }
+        errors_or_ok(errors)
+    }
+}
+
+impl Validate for TaskPatch {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        match &mut self.title {
+            Some(Some(title)) => check_title(title, &mut errors),
+            Some(None) => errors.push(field_error(&["body", "title"], "Input should be a valid string", "string_type")),
+            None => {}
+        }
+        if let Some(Some(description)) = &self.description {
+            check_max_chars(description, DESCRIPTION_MAX_CHARS, "description", &mut errors);
+        }
+        if let Some(None) = self.completed {
+            errors.push(field_error(&["body", "completed"], "Input should be a valid boolean", "bool_type"));
+        }
+        errors_or_ok(errors)
+    }
+}
+
+impl Validate for TaskListQuery {
+    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+        let mut errors = Vec::new();
+        if self.limit.is_some_and(|l| !(1..=1000).contains(&l)) {
+            errors.push(field_error(&["query", "limit"], "Input should be between 1 and 1000", "value_error"));
+        }
+        if self.offset.is_some_and(|o| o < 0) {
+            errors.push(field_error(&["query", "offset"], "Input should be greater than or equal to 0", "greater_than_equal"));
+        }
+        errors_or_ok(errors)
+    }
+}
+
+// ----- Errors: one type, rendered the way FastAPI renders them ----------------------------------
+
+/// Every way a request can fail. Handlers return `Result<_, ApiError>` and use `?`; the
+/// `ResponseError` impl below is the only place that turns failures into HTTP.
+#[derive(Debug)]
+enum ApiError {
+    /// 401, with `WWW-Authenticate: Bearer`.
+    Unauthorized(&'static str),
+    BadRequest(&'static str),
+    Forbidden(&'static str),
+    NotFound(&'static str),
+    Conflict(&'static str),
+    /// 422 with FastAPI's list of field errors.
+    Invalid(Vec<FieldError>),
+    TooManyRequests { retry_after: Duration },
+    /// A status decided by the framework (404 / 405 / 413 / 415 …) with its message.
+    Status(StatusCode, String),
+    /// 503: the database did not answer in time.
+    Unavailable(String),
+    /// 500: the cause is logged, never sent.
+    Internal(String),
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ApiError::Unauthorized(m) | ApiError::BadRequest(m) | ApiError::Forbidden(m)
+            | ApiError::NotFound(m) | ApiError::Conflict(m) => f.write_str(m),
+            ApiError::Invalid(errors) => write!(f, "invalid input: {errors:?}"),
+            ApiError::TooManyRequests { .. } => f.write_str("Too many login attempts"),
+            ApiError::Status(_, m) | ApiError::Unavailable(m) | ApiError::Internal(m) => f.write_str(m),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Status(status, _) => *status,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status_code());
+        // Set here too: an error raised by a middleware (a caught panic) skips DefaultHeaders.
+        response.insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"));
+        let detail = match self {
+            ApiError::Invalid(errors) => return response.json(ValidationErrorBody { detail: errors.clone() }),
+            ApiError::Unauthorized(_) => {
+                response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+                self.to_string()
+            }
+            ApiError::TooManyRequests { retry_after } => {
+                response.insert_header((header::RETRY_AFTER, retry_after.as_secs().max(1).to_string()));
+                self.to_string()
+            }
+            ApiError::Unavailable(cause) => {
+                log::warn!("database unavailable: {cause}");
+                "Database unavailable".into()
+            }
+            ApiError::Internal(cause) => {
+                log::error!("internal error: {cause}");
+                "Internal Server Error".into()
+            }
+            _ => self.to_string(),
+        };
+        response.json(ErrorDetail { detail })
+    }
+}
+
+impl From<diesel::result::Error> for ApiError {
+    fn from(error: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match &error {
+            // The only unique column a client can collide on is users.email.
+            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+                ApiError::Conflict("Email already registered")
+            }
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _) => {
+                ApiError::Unavailable(error.to_string())
+            }
+            // SQLite's lock timeout: the database is overloaded, not broken.
+            Error::DatabaseError(_, info) if info.message().contains("database is locked") => {
+                ApiError::Unavailable(error.to_string())
+            }
+            _ => ApiError::Internal(format!("database error: {error}")),
+        }
+    }
+}
+
+impl From<bb8::RunError<PoolError>> for ApiError {
+    fn from(error: bb8::RunError<PoolError>) -> Self {
+        ApiError::Unavailable(match error {
+            bb8::RunError::TimedOut => "no database connection became available in time".into(),
+            bb8::RunError::User(e) => e.to_string(),
+        })
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(error: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(format!("blocking task failed: {error}"))
+    }
+}
+
+// ----- Extractors for bodies and queries --------------------------------------------------------
+//
+// actix's own `web::Json` / `web::Form` / `web::Query` report *that* parsing failed, not *where*.
+// FastAPI clients expect `loc` to name the field, so these parse through `serde_path_to_error`
+// and then run `Validate`.
+
+const JSON_LIMIT: usize = 64 * 1024;
+const FORM_LIMIT: usize = 4 * 1024;
+
+/// A JSON body (`application/json`, at most 64 KiB), parsed and validated.
+struct Json<T>(T);
+
+/// A `application/x-www-form-urlencoded` body (at most 4 KiB), parsed and validated.
+struct Form<T>(T);
+
+/// The query string, parsed and validated.
+struct Query<T>(T);
+
+impl<T: DeserializeOwned + Validate + 'static> FromRequest for Json<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let is_json = content_type(req).is_none_or(|mime| {
+            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+        });
+        let body = read_body(req, payload.take(), JSON_LIMIT);
+        async move {
+            if !is_json {
+                return Err(ApiError::Status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Unsupported media type: expected application/json".into(),
+                ));
+            }
+            let bytes = body.await?;
+            let mut value: T = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes))
+                .map_err(|e| {
+                    let kind = if e.inner().is_syntax() || e.inner().is_eof() { "json_invalid" } else { "value_error" };
+                    ApiError::Invalid(vec![deserialize_error("body", e.path(), &e.inner().to_string(), kind)])
+                })?;
+            value.validate().map_err(ApiError::Invalid)?;
+            Ok(Json(value))
+        }
+        .boxed_local()
+    }
+}
+
+impl<T: DeserializeOwned + Validate + 'static> FromRequest for Form<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        // Anything but a form reads as an empty form, so the client learns which fields are
+        // missing (as FastAPI answers a JSON body sent to a form route).
+        let is_form = content_type(req).is_some_and(|mime| mime == "application/x-www-form-urlencoded");
+        let body = read_body(req, payload.take(), FORM_LIMIT);
+        async move {
+            let bytes = body.await?;
+            let form: &[u8] = if is_form { &bytes } else { b"" };
+            parse_urlencoded(form, "body").map(Form)
+        }
+        .boxed_local()
+    }
+}
+
+impl<T: DeserializeOwned + Validate> FromRequest for Query<T> {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        std::future::ready(parse_urlencoded(req.query_string().as_bytes(), "query").map(Query))
+    }
+}
+
+fn parse_urlencoded<T: DeserializeOwned + Validate>(input: &[u8], place: &str) -> Result<T, ApiError> {
+    let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded::parse(input));
+    let mut value: T = serde_path_to_error::deserialize(deserializer)
+        .map_err(|e| ApiError::Invalid(vec![deserialize_error(place, e.path(), &e.inner().to_string(), "value_error")]))?;
+    value.validate().map_err(ApiError::Invalid)?;
+    Ok(value)
+}
+
+/// Turns a serde error into a FastAPI field error without echoing the submitted value, which
+/// could be a password.
+fn deserialize_error(place: &str, path: &serde_path_to_error::Path, message: &str, kind: &str) -> FieldError {
+    let mut loc = vec![json!(place)];
+    for segment in path.iter() {
+        match segment {
+            serde_path_to_error::Segment::Seq { index } => loc.push(json!(index)),
+            serde_path_to_error::Segment::Map { key } => loc.push(json!(key)),
+            serde_path_to_error::Segment::Enum { variant } => loc.push(json!(variant)),
+            serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    let (msg, kind) = if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+        loc.push(json!(field));
+        ("Field required".to_string(), "missing")
+    } else if let Some((_, expected)) = message.split_once(", expected ") {
+        let expected = expected.split(" at line ").next().unwrap_or(expected);
+        (format!("Input should be {expected}"), kind)
+    } else if kind == "json_invalid" {
+        ("JSON decode error".to_string(), kind)
+    } else {
+        ("Invalid value".to_string(), kind)
+    };
+    FieldError { loc, msg, kind: kind.into() }
+}
+
+fn content_type(req: &HttpRequest) -> Option<String> {
+    req.headers().get(header::CONTENT_TYPE).map(|v| {
+        v.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+    })
+}
+
+/// Reads the whole body, refusing (413) as soon as it grows past `limit`.
+fn read_body(req: &HttpRequest, mut payload: Payload, limit: usize) -> LocalBoxFuture<'static, Result<web::Bytes, ApiError>> {
+    let too_large = move || ApiError::Status(StatusCode::PAYLOAD_TOO_LARGE, format!("Request body is larger than {limit} bytes"));
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    async move {
+        if declared.is_some_and(|len| len > limit) {
+            return Err(too_large());
+        }
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, format!("Could not read the request body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    }
+    .boxed_local()
+}
+
+// =================================================================================================
+// 3. Database pool
+// =================================================================================================
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// Runs SQLite work on the runtime's blocking pool and, if the waiting request is dropped (a
+/// client that hangs up, or a sibling extractor that failed), waits for that work to finish
+/// before the connection can be used again.
+///
+/// diesel-async's default spawner waits with `tokio::task::block_in_place`, which panics on
+/// actix's current-thread runtimes. The work itself never needs the worker thread, so a plain
+/// wait is safe, and it happens only on the rare cancelled query.
+struct BlockingPool;
+
+impl SpawnBlocking for BlockingPool {
+    fn spawn_blocking<'a, R: Send + 'static>(
+        &mut self,
+        task: impl FnOnce() -> R + Send + 'static,
+    ) -> BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>> {
+        let handle = FinishOnDrop(tokio::task::spawn_blocking(task));
+        async move { handle.await.map_err(Into::into) }.boxed()
+    }
+
+    fn get_runtime() -> Self {
+        BlockingPool
+    }
+}
+
+struct FinishOnDrop<R>(tokio::task::JoinHandle<R>);
+
+impl<R> Future for FinishOnDrop<R> {
+    type Output = Result<R, tokio::task::JoinError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<R> Drop for FinishOnDrop<R> {
+    fn drop(&mut self) {
+        while !self.0.is_finished() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+type SqliteConn = SyncConnectionWrapper<SqliteConnection, BlockingPool>;
+type SqlitePool = bb8::Pool<AsyncDieselConnectionManager<SqliteConn>>;
+type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
+
+/// The configured database. SQLite keeps two pools over one file: several readers (WAL lets
+/// them run alongside a writer) and a single writer, so writes queue here, in memory, instead
+/// of spinning on SQLite's file lock. PostgreSQL handles concurrency itself: one pool.
+#[derive(Clone)]
+enum Database {
+    Sqlite { read: SqlitePool, write: SqlitePool },
+    Postgres(PgPool),
+}
+
+/// Runs `$query` (a future yielding `QueryResult<T>`) with `$conn` bound to a pooled connection,
+/// giving `Result<T, ApiError>`.
+///
+/// The body is expanded once per backend, the way vaultwarden's `db_run!` does it: each query is
+/// written once and compiled, type-checked, against both SQLite and PostgreSQL. `read` or
+/// `write` picks the SQLite pool.
+macro_rules! db {
+    ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
+        match &$database {
+            Database::Sqlite { read, write } => {
+                let _ = (&read, &write);
+                match db!(@pool read, write, $role).get().await {
+                    Ok(mut pooled) => {
+                        let $conn = &mut *pooled;
+                        $query.await.map_err(ApiError::from)
+                    }
+                    Err(e) => Err(ApiError::from(e)),
+                }
+            }
+            Database::Postgres(pool) => match pool.get().await {
+                Ok(mut pooled) => {
+                    let $conn = &mut *pooled;
+                    $query.await.map_err(ApiError::from)
+                }
+                Err(e) => Err(ApiError::from(e)),
+            },
+        }
+    };
+    (@pool $read:ident, $write:ident, read) => { $read };
+    (@pool $read:ident, $write:ident, write) => { $write };
+}
+
+impl Database {
+    async fn connect(config: &Config) -> Result<Database, String> {
+        let database = match &config.database {
+            DatabaseUrl::Sqlite(path) if path == ":memory:" => {
+                // Every `:memory:` connection is its own empty database: one connection, kept
+                // for the life of the process, serves readers and writers.
+                let pool = sqlite_pool(path, 1, config.pool_timeout).await?;
+                Database::Sqlite { read: pool.clone(), write: pool }
+            }
+            DatabaseUrl::Sqlite(path) => {
+                // The writer is created first so that it turns WAL on before readers open.
+                let write = sqlite_pool(path, 1, config.pool_timeout).await?;
+                let read = sqlite_pool(path, config.pool_size.unwrap_or(4), config.pool_timeout).await?;
+                Database::Sqlite { read, write }
+            }
+            DatabaseUrl::Postgres(url) => {
+                let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.clone());
+                let pool = bb8::Pool::builder()
+                    .max_size(config.pool_size.unwrap_or(10))
+                    .connection_timeout(config.pool_timeout)
+                    // A dead connection is dropped on return (diesel-async checks the socket),
+                    // so there is no need to pay a round trip to test each one on checkout.
+                    .test_on_check_out(false)
+                    .build_unchecked(manager);
+                Database::Postgres(pool)
+            }
+        };
+        database.migrate(config).await?;
+        Ok(database)
+    }
+
+    /// Brings the schema up to date. Runs before the server listens.
+    async fn migrate(&self, config: &Config) -> Result<(), String> {
+        match self {
+            Database::Sqlite { write, .. } => {
+                // On the pool's own connection: for `:memory:` it is the only database there is.
+                let mut conn = write.get().await.map_err(|e| format!("cannot open the database: {e}"))?;
+                conn.spawn_blocking(|conn| {
+                    Ok(conn.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()).map_err(|e| e.to_string()))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|n| log::info!("database migrations applied: {n} pending"))
+            }
+            Database::Postgres(_) => {
+                let DatabaseUrl::Postgres(url) = &config.database else { unreachable!() };
+                let url = url.clone();
+                // diesel's migration harness is synchronous: run it on a blocking thread through
+                // diesel-async's wrapper (its async harness would call `block_in_place`).
+                tokio::task::spawn_blocking(move || {
+                    use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+                    let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
+                        .map_err(|e| format!("cannot connect: {e}"))?;
+                    conn.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len()).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|n| log::info!("database migrations applied: {n} pending"))
+            }
+        }
+    }
+
+    /// `SELECT 1` through the pool: the real answer to "is the database up?".
+    async fn ping(&self) -> Result<(), ApiError> {
+        db!(self, read, |conn| diesel::sql_query("SELECT 1").execute(conn)).map(|_| ())
+    }
+}
+
+async fn sqlite_pool(path: &str, size: u32, timeout: Duration) -> Result<SqlitePool, String> {
+    let mut manager_config = ManagerConfig::<SqliteConn>::default();
+    manager_config.custom_setup = Box::new(|path| open_sqlite(path.to_string()).boxed());
+    let manager = AsyncDieselConnectionManager::new_with_config(path, manager_config);
+    bb8::Pool::builder()
+        .max_size(size)
+        .connection_timeout(timeout)
+        // A local file does not drop connections: never recycle, never test on checkout.
+        .test_on_check_out(false)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .build(manager)
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))
+}
+
+/// Opens one SQLite connection, set up the way this app needs every connection to be.
+async fn open_sqlite(path: String) -> diesel::ConnectionResult<SqliteConn> {
+    let connection = tokio::task::spawn_blocking(move || {
+        let mut conn = SqliteConnection::establish(&path)?;
+        let setup = |conn: &mut SqliteConnection| -> QueryResult<()> {
+            // busy_timeout first, so the statements after it wait for a lock instead of failing.
+            // WAL lets readers run beside the writer; NORMAL syncs at checkpoints, which in WAL
+            // mode keeps every commit across a crash of this process.
+            diesel::connection::SimpleConnection::batch_execute(
+                conn,
+                "PRAGMA busy_timeout = 5000;
+                 PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA foreign_keys = ON;",
+            )?;
+            lower_utils::register_impl(conn, |text: Option<String>| text.map(|t| t.to_lowercase()))
+        };
+        setup(&mut conn).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+        Ok::<_, diesel::ConnectionError>(conn)
+    })
+    .await
+    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))??;
+    Ok(SyncConnectionWrapper::with_runtime(connection, BlockingPool))
+}
+
+// =================================================================================================
+// 4. Auth extractor
+// =================================================================================================
+
+/// The signed-in user, loaded from the database on every request (so a deleted account's
+/// tokens stop working at once). Take it as a handler argument to require a bearer token:
+///
+/// ```ignore
+/// async fn read_me(CurrentUser(user): CurrentUser) -> web::Json<User> { web::Json(user) }
+/// ```
+struct CurrentUser(User);
+
+impl FromRequest for CurrentUser {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        let token = bearer_token(req);
+        async move {
+            let state = state.ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
+            let token = token.ok_or(ApiError::Unauthorized("Not authenticated"))?;
+            let identity = state.auth.verify(&token).await?;
+            state.user_for(identity).await.map(CurrentUser)
+        }
+        .boxed_local()
+    }
+}
+
+/// The token from `Authorization: Bearer <token>`; nothing else (no query string, no cookie).
+fn bearer_token(req: &HttpRequest) -> Option<String> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_string())
+}
+
+const INVALID_TOKEN: ApiError = ApiError::Unauthorized("Could not validate credentials");
+
+/// Who a verified token speaks for.
+enum Identity {
+    /// A token this server issued (or one signed with the shared `JWT_SECRET`): the user must exist.
+    Local { user_id: String },
+    /// A token from the configured JWK Set: the user is created on first sight.
+    External { user_id: String, email: Option<String>, name: Option<String> },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+#[derive(Deserialize)]
+struct ExternalClaims {
+    sub: String,
+    email: Option<String>,
+    name: Option<String>,
+}
+
+/// Issues and verifies tokens. Keys and validation rules are built once, at startup.
+struct TokenAuthority {
+    encoding_key: EncodingKey,
+    decoding_key: DecodingKey,
+    /// HS256 only: the algorithm never comes from the token.
+    validation: Validation,
+    ttl: Duration,
+    jwks: Option<JwkSetCache>,
+}
+
+/// Leeway for clock skew on `exp`.
+const LEEWAY_SECONDS: u64 = 60;
+
+impl TokenAuthority {
+    fn new(config: &Config) -> Result<TokenAuthority, String> {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        // Local tokens carry no aud/iss; a token that has them is still checked by signature.
+        validation.validate_aud = false;
+        Ok(TokenAuthority {
+            encoding_key: EncodingKey::from_secret(&config.jwt_secret).map_err(|e| format!("JWT_SECRET: {e}"))?,
+            decoding_key: DecodingKey::from_secret(&config.jwt_secret).map_err(|e| format!("JWT_SECRET: {e}"))?,
+            validation,
+            ttl: config.access_token_ttl,
+            jwks: config.jwks_url.as_ref().map(|url| JwkSetCache::new(url, config)),
+        })
+    }
+
+    fn issue(&self, user_id: &str) -> Result<TokenResponse, ApiError> {
+        let iat = Utc::now().timestamp() as u64;
+        let claims = Claims { sub: user_id.to_string(), iat, exp: iat + self.ttl.as_secs() };
+        let access_token = jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &self.encoding_key)
+            .map_err(|e| ApiError::Internal(format!("cannot sign a token: {e}")))?;
+        Ok(TokenResponse { access_token, token_type: "bearer", expires_in: self.ttl.as_secs() })
+    }
+
+    async fn verify(&self, token: &str) -> Result<Identity, ApiError> {
+        // The header is only a hint for which key to try; each key decides which algorithms
+        // it accepts, so `alg: none` or an HMAC token "signed" with a public key goes nowhere.
+        let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID_TOKEN)?;
+        if header.alg == Algorithm::HS256 {
+            let data = jsonwebtoken::decode::<Claims>(token, &self.decoding_key, &self.validation)
+                .map_err(|_| INVALID_TOKEN)?;
+            return non_empty(data.claims.sub).map(|user_id| Identity::Local { user_id });
+        }
+        let jwks = self.jwks.as_ref().ok_or(INVALID_TOKEN)?;
+        let kid = header.kid.ok_or(INVALID_TOKEN)?;
+        let key = jwks.key(&kid).await.ok_or(INVALID_TOKEN)?;
+        let data = jsonwebtoken::decode::<ExternalClaims>(token, &key.decoding_key, &key.validation)
+            .map_err(|_| INVALID_TOKEN)?;
+        let claims = data.claims;
+        Ok(Identity::External { user_id: non_empty(claims.sub)?, email: claims.email, name: claims.name })
+    }
+}
+
+fn non_empty(sub: String) -> Result<String, ApiError> {
+    if sub.trim().is_empty() { Err(INVALID_TOKEN) } else { Ok(sub) }
+}
+
+/// A public key from the JWK Set with the only validation rules it may be used with.
+struct JwkKey {
+    decoding_key: DecodingKey,
+    validation: Validation,
+}
+
+/// The external issuer's JWK Set (e.g. Better Auth's `/api/auth/jwks`), cached by `kid`.
+/// An unknown `kid` triggers one fetch, at most once per `JWKS_REFETCH_INTERVAL`, however many
+/// such tokens arrive; the URL is the configured one, never one taken from a token.
+struct JwkSetCache {
+    url: String,
+    client: reqwest::Client,
+    keys: RwLock<HashMap<String, Arc<JwkKey>>>,
+    /// When the last on-demand fetch happened; the lock also makes concurrent misses wait for
+    /// one fetch instead of each starting its own.
+    last_refetch: tokio::sync::Mutex<Option<Instant>>,
+    /// Validation rules shared by every key: leeway, required claims, issuer and audience.
+    base_validation: Validation,
+}
+
+const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(3);
+
+impl JwkSetCache {
+    fn new(url: &str, config: &Config) -> JwkSetCache {
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &config.jwt_issuer {
+            Some(issuer) => validation.set_issuer(&[issuer]),
+            None => validation.iss = None,
+        }
+        match &config.jwt_audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            // Better Auth always sends `aud`; unset means "don't check it".
+            None => validation.validate_aud = false,
+        }
+        JwkSetCache {
+            url: url.to_string(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                // Workers run separate runtimes; a pooled connection would belong to one of them.
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("the HTTP client builds with static settings"),
+            keys: RwLock::new(HashMap::new()),
+            last_refetch: tokio::sync::Mutex::new(None),
+            base_validation: validation,
+        }
+    }
+
+    async fn key(&self, kid: &str) -> Option<Arc<JwkKey>> {
+        if let Some(key) = self.cached(kid) {
+            return Some(key);
+        }
+        let mut last_refetch = self.last_refetch.lock().await;
+        if let Some(key) = self.cached(kid) {
+            return Some(key); // fetched by another request while this one waited
+        }
+        if last_refetch.is_some_and(|at| at.elapsed() < JWKS_REFETCH_INTERVAL) {
+            return None;
+        }
+        *last_refetch = Some(Instant::now());
+        if let Err(e) = self.refresh().await {
+            log::warn!("JWKS fetch from {} failed: {e}", self.url);
+        }
+        self.cached(kid)
+    }
+
+    fn cached(&self, kid: &str) -> Option<Arc<JwkKey>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).get(kid).cloned()
+    }
+
+    /// Fetches the set and replaces the cache with the keys it can use.
+    async fn refresh(&self) -> Result<usize, String> {
+        let response = self.client.get(&self.url).send().await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("HTTP {}", response.status()));
+        }
+        let body: serde_json::Value = response.json().await.map_err(|e| format!("not JSON: {e}"))?;
+        let entries = body.get("keys").and_then(|k| k.as_array()).ok_or("no \"keys\" array")?;
+        let keys: HashMap<String, Arc<JwkKey>> = entries.iter().filter_map(|jwk| self.usable_key(jwk)).collect();
+        let count = keys.len();
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        Ok(count)
+    }
+
+    /// A JWK this server will verify with, or `None`: symmetric keys, unknown curves, keys
+    /// meant for encryption and keys whose declared `alg` does not fit their type are skipped.
+    fn usable_key(&self, jwk: &serde_json::Value) -> Option<(String, Arc<JwkKey>)> {
+        let kid = jwk.get("kid")?.as_str()?.to_string();
+        if jwk.get("use").and_then(|u| u.as_str()).is_some_and(|u| u != "sig") {
+            return None;
+        }
+        let kty = jwk.get("kty")?.as_str()?;
+        let crv = jwk.get("crv").and_then(|c| c.as_str());
+        let allowed: &[Algorithm] = match (kty, crv) {
+            ("OKP", Some("Ed25519")) => &[Algorithm::EdDSA],
+            ("EC", Some("P-256")) => &[Algorithm::ES256],
+            ("RSA", _) => &[Algorithm::RS256, Algorithm::PS256],
+            _ => return None,
+        };
+        let algorithms: Vec<Algorithm> = match jwk.get("alg").and_then(|a| a.as_str()) {
+            Some(declared) => {
+                let declared = Algorithm::from_str(declared).ok()?;
+                allowed.contains(&declared).then(|| vec![declared])?
+            }
+            None => allowed.to_vec(),
+        };
+        let parsed: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).ok()?;
+        let decoding_key = DecodingKey::from_jwk(&parsed).ok()?;
+        let mut validation = self.base_validation.clone();
+        validation.algorithms = algorithms;
+        Some((kid, Arc::new(JwkKey { decoding_key, validation })))
+    }
+}
+
+/// bcrypt, kept off the async workers and limited to one hash per core at a time, so a burst of
+/// logins queues instead of starving everything else.
+struct PasswordHasher {
+    cost: u32,
+    permits: tokio::sync::Semaphore,
+    /// Verified against when the email is unknown, so that case costs the same time as a wrong
+    /// password and accounts cannot be told apart.
+    dummy_hash: String,
+}
+
+impl PasswordHasher {
+    fn new(cost: u32) -> Result<PasswordHasher, String> {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Ok(PasswordHasher {
+            cost,
+            permits: tokio::sync::Semaphore::new(cores),
+            dummy_hash: bcrypt::hash(uuid::Uuid::new_v4().to_string(), cost).map_err(|e| e.to_string())?,
+        })
+    }
+
+    async fn hash(&self, password: String) -> Result<String, ApiError> {
+        let _permit = self.permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let cost = self.cost;
+        web::block(move || bcrypt::hash(password, cost))
+            .await?
+            .map_err(|e| ApiError::Internal(format!("bcrypt: {e}")))
+    }
+
+    /// Whether `password` matches `hash`; with no hash (unknown user, or one who signs in
+    /// elsewhere) it checks against the dummy and answers false, in the same time.
+    async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, ApiError> {
+        let _permit = self.permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let usable = hash.is_some() && password.len() <= PASSWORD_MAX_BYTES;
+        let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
+        let matches = web::block(move || bcrypt::verify(password, &hash).unwrap_or(false)).await?;
+        Ok(usable && matches)
+    }
+}
+
+/// Failed logins in the last minute, per email and per client address. In memory: a restart
+/// forgets them, and nothing is ever locked for good.
+struct LoginThrottle {
+    failures: Mutex<HashMap<ThrottleKey, VecDeque<Instant>>>,
+}
+
+#[derive(Hash, PartialEq, Eq, Clone)]
+enum ThrottleKey {
+    Email(String),
+    Client(IpAddr),
+}
+
+const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+const MAX_FAILURES_PER_EMAIL: usize = 10;
+const MAX_FAILURES_PER_CLIENT: usize = 30;
+
+impl LoginThrottle {
+    fn new() -> LoginThrottle {
+        LoginThrottle { failures: Mutex::new(HashMap::new()) }
+    }
+
+    fn keys(email: &str, client: IpAddr) -> [(ThrottleKey, usize); 2] {
+        [
+            (ThrottleKey::Email(email.to_string()), MAX_FAILURES_PER_EMAIL),
+            (ThrottleKey::Client(client), MAX_FAILURES_PER_CLIENT),
+        ]
+    }
+
+    /// 429 while either the email or the client has used up its failures for the window.
+    fn check(&self, email: &str, client: IpAddr) -> Result<(), ApiError> {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        for (key, limit) in Self::keys(email, client) {
+            if let Some(times) = failures.get_mut(&key) {
+                while times.front().is_some_and(|t| now.duration_since(*t) >= THROTTLE_WINDOW) {
+                    times.pop_front();
+                }
+                if times.len() >= limit {
+                    let oldest = *times.front().expect("len >= limit > 0");
+                    let retry_after = THROTTLE_WINDOW.saturating_sub(now.duration_since(oldest));
+                    return Err(ApiError::TooManyRequests { retry_after: retry_after + Duration::from_millis(999) });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn record_failure(&self, email: &str, client: IpAddr) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        // Attackers choose the emails: drop expired entries before the map can grow large.
+        if failures.len() > 10_000 {
+            failures.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < THROTTLE_WINDOW));
+        }
+        for (key, limit) in Self::keys(email, client) {
+            let times = failures.entry(key).or_default();
+            times.push_back(now);
+            if times.len() > limit {
+                times.pop_front();
+            }
+        }
+    }
+
+    fn forget_email(&self, email: &str) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&ThrottleKey::Email(email.to_string()));
+    }
+}
+
+/// Shared, read-mostly state, built once at startup and handed to every worker.
+struct AppState {
+    db: Database,
+    auth: TokenAuthority,
+    passwords: PasswordHasher,
+    login_throttle: LoginThrottle,
+    trusted_proxies: Vec<IpAddr>,
+}
+
+impl AppState {
+    /// The user a verified token names. External users are created on first sight.
+    async fn user_for(&self, identity: Identity) -> Result<User, ApiError> {
+        let (user_id, external) = match identity {
+            Identity::Local { user_id } => (user_id, None),
+            Identity::External { user_id, email, name } => (user_id, Some((email, name))),
+        };
+        let found = db!(self.db, read, |conn| async {
+            users::table.find(&user_id).select(User::as_select()).first(conn).await.optional()
+        })?;
+        match (found, external) {
+            (Some(user), _) => Ok(user),
+            (None, None) => Err(INVALID_TOKEN),
+            (None, Some((email, name))) => {
+                let mut email = email.ok_or(INVALID_TOKEN)?;
+                let mut errors = Vec::new();
+                check_email(&mut email, "email", &mut errors);
+                if !errors.is_empty() {
+                    return Err(INVALID_TOKEN);
+                }
+                let time = now();
+                let new_user = NewUser {
+                    id: &user_id,
+                    email: &email,
+                    name: name.as_deref(),
+                    password_hash: None,
+                    created_at: time,
+                    updated_at: time,
+                };
+                // Two first requests can race: the loser's insert does nothing and both read
+                // the same row. A different account holding the email is a 409.
+                db!(self.db, write, |conn| async {
+                    diesel::insert_into(users::table)
+                        .values(&new_user)
+                        .on_conflict(users::id)
+                        .do_nothing()
+                        .execute(conn)
+                        .await?;
+                    users::table.find(&user_id).select(User::as_select()).first(conn).await
+                })
+                .map_err(|e| match e {
+                    ApiError::Conflict(_) => ApiError::Conflict("Email already registered to another account"),
+                    other => other,
+                })
+            }
+        }
+    }
+
+    /// The client's address: the TCP peer, or, behind a trusted proxy, the last address in
+    /// `X-Forwarded-For` that is not itself a trusted proxy.
+    fn client_ip(&self, req: &HttpRequest) -> IpAddr {
+        let peer = req.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        if !self.trusted_proxies.contains(&peer) {
+            return peer;
+        }
+        let forwarded = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().parse::<IpAddr>().ok())
+            .collect::<Vec<_>>();
+        for hop in forwarded.into_iter().rev() {
+            match hop {
+                Some(ip) if self.trusted_proxies.contains(&ip) => continue,
+                Some(ip) => return ip,
+                // A hop that is not an address is not to be trusted any further.
+                None => return peer,
+            }
+        }
+        peer
+    }
+
+    /// The OAuth2 password check behind `/token` and `/api/auth/login`.
+    async fn login(&self, email: &str, password: String, client: IpAddr) -> Result<HttpResponse, ApiError> {
+        let email = normalize_email(email);
+        self.login_throttle.check(&email, client)?;
+        let account: Option<(String, Option<String>)> = db!(self.db, read, |conn| async {
+            users::table
+                .filter(users::email.eq(&email))
+                .select((users::id, users::password_hash))
+                .first(conn)
+                .await
+                .optional()
+        })?;
+        let (user_id, hash) = account.map_or((None, None), |(id, hash)| (Some(id), hash));
+        let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
+        match (user_id, self.passwords.verify(password, hash).await? && plausible) {
+            (Some(user_id), true) => {
+                self.login_throttle.forget_email(&email);
+                Ok(HttpResponse::Ok()
+                    .insert_header((header::CACHE_CONTROL, "no-store"))
+                    .insert_header((header::PRAGMA, "no-cache"))
+                    .json(self.auth.issue(&user_id)?))
+            }
+            _ => {
+                self.login_throttle.record_failure(&email, client);
+                Err(ApiError::Unauthorized("Incorrect email or password"))
+            }
+        }
+    }
+}
+
+// =================================================================================================
+// 5. Routes
+// =================================================================================================
+
+// ----- [health] ----------------------------------------------------------------------------------
+
+/// Liveness and database check.
+#[utoipa::path(
+    tag = "health",
+    responses(
+        (status = 200, description = "The service and its database answer", body = Health),
+        (status = 503, description = "The database does not answer", body = Health),
+    )
+)]
+#[get("/health")]
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    match state.db.ping().await {
+        Ok(()) => HttpResponse::Ok().json(Health { status: "ok", database: "ok".into() }),
+        Err(e) => {
+            log::warn!("health check failed: {e}");
+            let reason = match e {
+                ApiError::Unavailable(reason) => reason,
+                _ => "query failed".into(),
+            };
+            HttpResponse::ServiceUnavailable().json(Health { status: "unavailable", database: reason })
+        }
+    }
+}
+
+// ----- [auth] ------------------------------------------------------------------------------------
+
+/// Create an account.
+#[utoipa::path(
+    tag = "auth",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "The new user", body = User),
+        (status = 409, description = "The email is taken", body = ErrorDetail),
+        (status = 413, description = "Body too large", body = ErrorDetail),
+        (status = 415, description = "Not JSON", body = ErrorDetail),
+        (status = 422, description = "Invalid email or password", body = ValidationErrorBody),
+    )
+)]
+#[post("/api/auth/register")]
+async fn register(state: web::Data<AppState>, Json(body): Json<RegisterRequest>) -> Result<HttpResponse, ApiError> {
+    let password_hash = state.passwords.hash(body.password).await?;
+    let time = now();
+    let id = uuid::Uuid::new_v4().to_string();
+    let new_user = NewUser {
+        id: &id,
+        email: &body.email,
+        name: body.name.as_deref(),
+        password_hash: Some(&password_hash),
+        created_at: time,
+        updated_at: time,
+    };
+    let user: User = db!(state.db, write, |conn| diesel::insert_into(users::table)
+        .values(&new_user)
+        .returning(User::as_returning())
+        .get_result(conn))?;
+    Ok(HttpResponse::Created().json(user))
+}
+
+/// OAuth2 password flow (the form Swagger UI's Authorize button and FastAPI clients send).
+#[utoipa::path(
+    tag = "auth",
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "A bearer token", body = TokenResponse),
+        (status = 401, description = "Incorrect email or password", body = ErrorDetail),
+        (status = 413, description = "Body too large", body = ErrorDetail),
+        (status = 422, description = "Missing fields", body = ValidationErrorBody),
+        (status = 429, description = "Too many failed logins", body = ErrorDetail),
+    )
+)]
+#[post("/token")]
+async fn oauth2_token(state: web::Data<AppState>, req: HttpRequest, Form(form): Form<TokenForm>) -> Result<HttpResponse, ApiError> {
+    let _ = form.scope; // scopes are accepted for OAuth2 clients, and grant none
+    state.login(&form.username, form.password, state.client_ip(&req)).await
+}
+
+/// Log in with JSON; the same as `/token`.
+#[utoipa::path(
+    tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "A bearer token", body = TokenResponse),
+        (status = 401, description = "Incorrect email or password", body = ErrorDetail),
+        (status = 413, description = "Body too large", body = ErrorDetail),
+        (status = 415, description = "Not JSON", body = ErrorDetail),
+        (status = 422, description = "Malformed body", body = ValidationErrorBody),
+        (status = 429, description = "Too many failed logins", body = ErrorDetail),
+    )
+)]
+#[post("/api/auth/login")]
+async fn login(state: web::Data<AppState>, req: HttpRequest, Json(body): Json<LoginRequest>) -> Result<HttpResponse, ApiError> {
+    state.login(&body.email, body.password, state.client_ip(&req)).await
+}
+
+// ----- [users] -----------------------------------------------------------------------------------
+
+/// The signed-in user.
+#[utoipa::path(
+    tag = "users",
+    security(("bearer" = []), ("oauth2" = [])),
+    responses(
+        (status = 200, description = "The user", body = User),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+    )
+)]
+#[get("/api/users/me")]
+async fn read_me(CurrentUser(user): CurrentUser) -> web::Json<User> {
+    web::Json(user)
+}
+
+/// Change the name and/or email.
+#[utoipa::path(
+    tag = "users",
+    security(("bearer" = []), ("oauth2" = [])),
+    request_body = UserUpdate,
+    responses(
+        (status = 200, description = "The updated user", body = User),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 409, description = "The email is taken", body = ErrorDetail),
+        (status = 422, description = "Invalid input", body = ValidationErrorBody),
+    )
+)]
+#[patch("/api/users/me")]
+async fn update_me(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    Json(body): Json<UserUpdate>,
+) -> Result<web::Json<User>, ApiError> {
+    let changes = UserChanges { name: body.name, email: body.email.flatten(), updated_at: now() };
+    let updated = db!(state.db, write, |conn| diesel::update(users::table.find(&user.id))
+        .set(&changes)
+        .returning(User::as_returning())
+        .get_result(conn))?;
+    Ok(web::Json(updated))
+}
+
+/// Change the password.
+#[utoipa::path(
+    tag = "users",
+    security(("bearer" = []), ("oauth2" = [])),
+    request_body = PasswordChange,
+    responses(
+        (status = 204, description = "Changed"),
+        (status = 400, description = "The current password is wrong", body = ErrorDetail),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 422, description = "The new password is invalid", body = ValidationErrorBody),
+    )
+)]
+#[put("/api/users/me/password")]
+async fn change_password(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    Json(body): Json<PasswordChange>,
+) -> Result<HttpResponse, ApiError> {
+    let current_hash: Option<String> = db!(state.db, read, |conn| users::table
+        .find(&user.id)
+        .select(users::password_hash)
+        .first(conn))?;
+    if !state.passwords.verify(body.current_password, current_hash).await? {
+        return Err(ApiError::BadRequest("Incorrect password"));
+    }
+    let new_hash = state.passwords.hash(body.new_password).await?;
+    db!(state.db, write, |conn| diesel::update(users::table.find(&user.id))
+        .set((users::password_hash.eq(&new_hash), users::updated_at.eq(now())))
+        .execute(conn))?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Delete the account and all its tasks.
+#[utoipa::path(
+    tag = "users",
+    security(("bearer" = []), ("oauth2" = [])),
+    responses(
+        (status = 204, description = "Deleted; the account's tokens no longer work"),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+    )
+)]
+#[delete("/api/users/me")]
+async fn delete_me(state: web::Data<AppState>, CurrentUser(user): CurrentUser) -> Result<HttpResponse, ApiError> {
+    // Tasks go with the user: ON DELETE CASCADE, enforced on SQLite by `foreign_keys = ON`.
+    db!(state.db, write, |conn| diesel::delete(users::table.find(&user.id)).execute(conn))?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+// ----- [tasks] -----------------------------------------------------------------------------------
+
+/// `{user_id}` in a task path must name the caller (or be `me`).
+fn owner<'u>(user: &'u User, path_user_id: &str) -> Result<&'u str, ApiError> {
+    if path_user_id == "me" || path_user_id == user.id {
+        Ok(&user.id)
+    } else {
+        Err(ApiError::Forbidden("Not allowed to access another user's tasks"))
+    }
+}
+
+const TASK_NOT_FOUND: ApiError = ApiError::NotFound("Task not found");
+
+/// `%`, `_` and `\` in a search are literal characters, not wildcards.
+fn like_pattern(search: &str) -> String {
+    let mut pattern = String::with_capacity(search.len() + 2);
+    pattern.push('%');
+    for c in search.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// List the user's tasks: filter, search, sort and page. `X-Total-Count` is the count before paging.
+#[utoipa::path(
+    tag = "tasks",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("user_id" = String, Path, description = "The caller's id, or `me`"), TaskListQuery),
+    responses(
+        (status = 200, description = "One page of tasks", body = Vec<Task>,
+            headers(("X-Total-Count" = i64, description = "Matching tasks before limit/offset"))),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 403, description = "Another user's tasks", body = ErrorDetail),
+        (status = 422, description = "Invalid query", body = ValidationErrorBody),
+    )
+)]
+#[get("/api/{user_id}/tasks")]
+async fn list_tasks(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    path: web::Path<String>,
+    Query(query): Query<TaskListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&user, &path)?;
+    let limit = query.limit.unwrap_or(100);
+    let offset = query.offset.unwrap_or(0);
+    let pattern = query.q.as_deref().filter(|q| !q.is_empty()).map(like_pattern);
+
+    // The filters, written once and used for both the page and (rarely) the count.
+    macro_rules! matching_tasks {
+        () => {{
+            let mut filtered = tasks::table.filter(tasks::user_id.eq(owner)).into_boxed();
+            match query.status {
+                StatusFilter::All => {}
+                StatusFilter::Pending => filtered = filtered.filter(tasks::completed.eq(false)),
+                StatusFilter::Completed => filtered = filtered.filter(tasks::completed.eq(true)),
+            }
+            if let Some(pattern) = &pattern {
+                filtered = filtered.filter(
+                    lower(tasks::title.nullable())
+                        .like(pattern)
+                        .escape('\\')
+                        .or(lower(tasks::description).like(pattern).escape('\\')),
+                );
+            }
+            filtered
+        }};
+    }
+
+    // One round trip: the page and, beside each row, the total from a window count. Only a
+    // page past the end (no rows to carry the total) needs a second query.
+    let (page, total): (Vec<Task>, i64) = db!(state.db, read, |conn| async {
+        let ordered = match (query.sort, query.order) {
+            (SortKey::Created, SortOrder::Asc) => matching_tasks!().order((tasks::created_at.asc(), tasks::id.asc())),
+            (SortKey::Created, SortOrder::Desc) => matching_tasks!().order((tasks::created_at.desc(), tasks::id.desc())),
+            (SortKey::Updated, SortOrder::Asc) => matching_tasks!().order((tasks::updated_at.asc(), tasks::id.asc())),
+            (SortKey::Updated, SortOrder::Desc) => matching_tasks!().order((tasks::updated_at.desc(), tasks::id.desc())),
+            (SortKey::Title, SortOrder::Asc) => matching_tasks!().order((tasks::title.asc(), tasks::id.asc())),
+            (SortKey::Title, SortOrder::Desc) => matching_tasks!().order((tasks::title.desc(), tasks::id.desc())),
+        };
+        let rows: Vec<(Task, i64)> = ordered
+            .select((Task::as_select(), diesel::dsl::sql::<diesel::sql_types::BigInt>("COUNT(*) OVER ()")))
+            .limit(limit)
+            .offset(offset)
+            .load(conn)
+            .await?;
+        let total = match rows.as_slice().first() {
+            Some((_, total)) => *total,
+            None if offset == 0 => 0,
+            None => matching_tasks!().count().get_result(conn).await?,
+        };
+        Ok::<_, diesel::result::Error>((rows.into_iter().map(|(task, _)| task).collect(), total))
+    })?;
+    Ok(HttpResponse::Ok().insert_header(("X-Total-Count", total.to_string())).json(page))
+}
+
+/// Create a task.
+#[utoipa::path(
+    tag = "tasks",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("user_id" = String, Path, description = "The caller's id, or `me`")),
+    request_body = TaskInput,
+    responses(
+        (status = 201, description = "The new task", body = Task,
+            headers(("Location" = String, description = "/api/{user_id}/tasks/{id}"))),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 403, description = "Another user's tasks", body = ErrorDetail),
+        (status = 422, description = "Invalid task", body = ValidationErrorBody),
+    )
+)]
+#[post("/api/{user_id}/tasks")]
+async fn create_task(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    path: web::Path<String>,
+    Json(body): Json<TaskInput>,
+) -> Result<HttpResponse, ApiError> {
+    let owner = owner(&user, &path)?;
+    let time = now();
+    let new_task = NewTask {
+        user_id: owner,
+        title: &body.title,
+        description: body.description.as_deref(),
+        completed: body.completed,
+        created_at: time,
+        updated_at: time,
+    };
+    let task: Task = db!(state.db, write, |conn| diesel::insert_into(tasks::table)
+        .values(&new_task)
+        .returning(Task::as_returning())
+        .get_result(conn))?;
+    Ok(HttpResponse::Created()
+        .insert_header((header::LOCATION, format!("/api/{}/tasks/{}", task.user_id, task.id)))
+        .json(task))
+}
+
+/// One task.
+#[utoipa::path(
+    tag = "tasks",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task", body = Task),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 403, description = "Another user's tasks", body = ErrorDetail),
+        (status = 404, description = "No such task of this user", body = ErrorDetail),
+        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+    )
+)]
+#[get("/api/{user_id}/tasks/{id}")]
+async fn read_task(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    path: web::Path<(String, i64)>,
+) -> Result<web::Json<Task>, ApiError> {
+    let (path_user, id) = path.into_inner();
+    let owner = owner(&user, &path_user)?;
+    let task = db!(state.db, read, |conn| async {
+        tasks::table
+            .filter(tasks::id.eq(id).and(tasks::user_id.eq(owner)))
+            .select(Task::as_select())
+            .first(conn)
+            .await
+            .optional()
+    })?;
+    task.map(web::Json).ok_or(TASK_NOT_FOUND)
+}
+
+/// Applies `changes` to the caller's task `id` and returns it, or 404.
+async fn update_task(state: &AppState, owner: &str, id: i64, changes: TaskChanges) -> Result<web::Json<Task>, ApiError> {
+    let task = db!(state.db, write, |conn| async {
+        diesel::update(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
+            .set(&changes)
+            .returning(Task::as_returning())
+            .get_result(conn)
+            .await
+            .optional()
+    })?;
+    task.map(web::Json).ok_or(TASK_NOT_FOUND)
+}
+
+/// Replace a task: an omitted `description` becomes null, an omitted `completed` false.
+#[utoipa::path(
+    tag = "tasks",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
+    request_body = TaskInput,
+    responses(
+        (status = 200, description = "The replaced task", body = Task),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 403, description = "Another user's tasks", body = ErrorDetail),
+        (status = 404, description = "No such task of this user", body = ErrorDetail),
+        (status = 422, description = "Invalid task", body = ValidationErrorBody),
+    )
+)]
+#[put("/api/{user_id}/tasks/{id}")]
+async fn replace_task(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    path: web::Path<(String, i64)>,
+    Json(body): Json<TaskInput>,
+) -> Result<web::Json<Task>, ApiError> {
+    let (path_user, id) = path.into_inner();
+    let owner = owner(&user, &path_user)?;
+    let changes = TaskChanges {
+        title: Some(body.title),
+        description: Some(body.description),
+        completed: Some(body.completed),
+        updated_at: now(),
+    };
+    update_task(&state, owner, id, changes).await
+}
+
+/// Change some fields of a task; `"description": null` clears it.
+#[utoipa::path(
+    tag = "tasks",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
+    request_body = TaskPatch,
+    responses(
+        (status = 200, description = "The updated task", body = Task),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 403, description = "Another user's tasks", body = ErrorDetail),
+        (status = 404, description = "No such task of this user", body = ErrorDetail),
+        (status = 422, description = "Invalid fields", body = ValidationErrorBody),
+    )
+)]
+#[patch("/api/{user_id}/tasks/{id}")]
+async fn patch_task(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    path: web::Path<(String, i64)>,
+    Json(body): Json<TaskPatch>,
+) -> Result<web::Json<Task>, ApiError> {
+    let (path_user, id) = path.into_inner();
+    let owner = owner(&user, &path_user)?;
+    let changes = TaskChanges {
+        title: body.title.flatten(),
+        description: body.description,
+        completed: body.completed.flatten(),
+        updated_at: now(),
+    };
+    update_task(&state, owner, id, changes).await
+}
+
+/// Delete a task.
+#[utoipa::path(
+    tag = "tasks",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 403, description = "Another user's tasks", body = ErrorDetail),
+        (status = 404, description = "No such task of this user", body = ErrorDetail),
+        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+    )
+)]
+#[delete("/api/{user_id}/tasks/{id}")]
+async fn delete_task(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    path: web::Path<(String, i64)>,
+) -> Result<HttpResponse, ApiError> {
+    let (path_user, id) = path.into_inner();
+    let owner = owner(&user, &path_user)?;
+    let deleted = db!(state.db, write, |conn| diesel::delete(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
+        .execute(conn))?;
+    if deleted == 0 {
+        return Err(TASK_NOT_FOUND);
+    }
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// Toggle `completed`, atomically (one UPDATE, so concurrent toggles never lose one).
+#[utoipa::path(
+    tag = "tasks",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
+    responses(
+        (status = 200, description = "The task with `completed` flipped", body = Task),
+        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        (status = 403, description = "Another user's tasks", body = ErrorDetail),
+        (status = 404, description = "No such task of this user", body = ErrorDetail),
+        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+    )
+)]
+#[patch("/api/{user_id}/tasks/{id}/complete")]
+async fn toggle_task(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+    path: web::Path<(String, i64)>,
+) -> Result<web::Json<Task>, ApiError> {
+    let (path_user, id) = path.into_inner();
+    let owner = owner(&user, &path_user)?;
+    let task = db!(state.db, write, |conn| async {
+        diesel::update(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
+            .set((tasks::completed.eq(diesel::dsl::not(tasks::completed)), tasks::updated_at.eq(now())))
+            .returning(Task::as_returning())
+            .get_result(conn)
+            .await
+            .optional()
+    })?;
+    task.map(web::Json).ok_or(TASK_NOT_FOUND)
+}
+
+// ----- [docs] and the router's own answers -------------------------------------------------------
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Todo API", description = "Tasks per user, behind JWT bearer auth."),
+    tags(
+        (name = "health", description = "Service and database status"),
+        (name = "auth", description = "Accounts and tokens"),
+        (name = "users", description = "The signed-in user"),
+        (name = "tasks", description = "The signed-in user's tasks"),
+    ),
+    modifiers(&SecuritySchemes)
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+        components.add_security_scheme(
+            "oauth2",
+            SecurityScheme::OAuth2(OAuth2::new([Flow::Password(Password::new("/token", Scopes::new()))])),
+        );
+    }
+}
+
+/// Registers every API route; the OpenAPI document is generated from this same list, so a
+/// route cannot exist undocumented.
+fn api_routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
+    cfg.service(health)
+        .service(register)
+        .service(oauth2_token)
+        .service(login)
+        .service(read_me)
+        .service(update_me)
+        .service(change_password)
+        .service(delete_me)
+        .service(list_tasks)
+        .service(create_task)
+        .service(read_task)
+        .service(replace_task)
+        .service(patch_task)
+        .service(delete_task)
+        .service(toggle_task);
+}
+
+/// Which methods each known path answers, for telling 405 from 404 (FastAPI's behaviour).
+struct KnownRoutes(Vec<(ResourceDef, Vec<Method>)>);
+
+impl KnownRoutes {
+    fn from_openapi(openapi: &utoipa::openapi::OpenApi) -> KnownRoutes {
+        let mut routes: Vec<(ResourceDef, Vec<Method>)> = openapi
+            .paths
+            .paths
+            .iter()
+            .map(|(path, item)| {
+                let methods = serde_json::to_value(item)
+                    .ok()
+                    .and_then(|v| v.as_object().map(|o| o.keys().filter_map(|k| Method::from_str(&k.to_uppercase()).ok()).collect()))
+                    .unwrap_or_default();
+                (ResourceDef::new(path.as_str()), methods)
+            })
+            .collect();
+        routes.push((ResourceDef::new("/openapi.json"), vec![Method::GET]));
+        routes.push((ResourceDef::new(["/docs", "/docs/{_:.*}"]), vec![Method::GET]));
+        KnownRoutes(routes)
+    }
+
+    fn allowed(&self, path: &str) -> Option<Vec<&Method>> {
+        let methods: Vec<&Method> = self.0.iter().filter(|(def, _)| def.is_match(path)).flat_map(|(_, m)| m).collect();
+        (!methods.is_empty()).then_some(methods)
+    }
+}
+
+/// What the router answers when no route matched: 405 with `Allow` if the path exists under
+/// another method, else 404 — both as `{"detail": …}`.
+async fn no_route(req: HttpRequest, known: web::Data<KnownRoutes>) -> HttpResponse {
+    match known.allowed(req.path()) {
+        Some(methods) => {
+            let allow = methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
+            let mut response = ApiError::Status(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed".into()).error_response();
+            if let Ok(value) = HeaderValue::from_str(&allow) {
+                response.headers_mut().insert(header::ALLOW, value);
+            }
+            response
+        }
+        None => ApiError::Status(StatusCode::NOT_FOUND, "Not Found".into()).error_response(),
+    }
+}
+
+/// Turns a panic in a handler into a 500 `{"detail": "Internal Server Error"}` (with the cause
+/// logged) instead of a dropped connection.
+async fn catch_panics(
+    req: ServiceRequest,
+    next: middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    match std::panic::AssertUnwindSafe(next.call(req)).catch_unwind().await {
+        Ok(response) => response,
+        Err(panic) => {
+            let cause = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            // The request went down with the handler, so answer through the error path: actix
+            // renders it with `ApiError::error_response`.
+            Err(ApiError::Internal(format!("panic: {cause}")).into())
+        }
+    }
+}
+
+fn cors(origins: &[String]) -> actix_cors::Cors {
+    // Closed unless CORS_ORIGINS names origins; requests from other origins still get answers,
+    // just without Access-Control-Allow-Origin, so browsers keep them from foreign pages.
+    origins
+        .iter()
+        .fold(actix_cors::Cors::default(), |cors, origin| cors.allowed_origin(origin))
+        .allowed_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT])
+        .expose_headers([header::HeaderName::from_static("x-total-count"), header::LOCATION])
+        .block_on_origin_mismatch(false)
+        .max_age(3600)
+}
+
+// =================================================================================================
+// 6. Startup
+// =================================================================================================
+
+/// The request log line: method, path without the query string (which could hold a token),
+/// status, size, time.
+const ACCESS_LOG_FORMAT: &str = r#"%a "%{method}xi %U" %s %b %Dms"#;
+
+fn init_logging() {
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // tokio-postgres logs bound parameters at debug level, and those include password hashes.
+    logger.filter_module("tokio_postgres", log::LevelFilter::Info);
+    logger.init();
+}
+
+fn main() {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    init_logging();
+    if let Err(e) = actix_web::rt::System::new().block_on(serve(config)) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    if config.jwt_secret_is_random {
+        log::warn!("JWT_SECRET is not set: using a random secret, so tokens will not survive a restart");
+    }
+    let database = Database::connect(&config).await.map_err(|e| format!("DATABASE_URL: {e}"))?;
+    let auth = TokenAuthority::new(&config)?;
+    if let Some(jwks) = &auth.jwks {
+        // Not fatal: the issuer may start after us, and an unknown kid fetches again.
+        match jwks.refresh().await {
+            Ok(n) => log::info!("JWKS: {n} usable keys from {}", jwks.url),
+            Err(e) => log::warn!("JWKS fetch from {} failed: {e}", jwks.url),
+        }
+    }
+    let bcrypt_cost = config.bcrypt_cost;
+    let passwords = web::block(move || PasswordHasher::new(bcrypt_cost))
+        .await
+        .map_err(|e| e.to_string())??;
+    let state = web::Data::new(AppState {
+        db: database,
+        auth,
+        passwords,
+        login_throttle: LoginThrottle::new(),
+        trusted_proxies: config.trusted_proxies.clone(),
+    });
+
+    let (_, openapi) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(api_routes).split_for_parts();
+    let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
+    let cors_origins = config.cors_origins.clone();
+
+    let server = HttpServer::new(move || {
+        App::new()
+            .into_utoipa_app()
+            .configure(api_routes)
+            .into_app()
+            .app_data(state.clone())
+            .app_data(known_routes.clone())
+            // The task id is the only typed path parameter: a path that fails to parse names it.
+            .app_data(web::PathConfig::default().error_handler(|_, _| {
+                ApiError::Invalid(vec![field_error(&["path", "id"], "Input should be a valid integer", "int_parsing")]).into()
+            }))
+            .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
+            .default_service(web::to(no_route))
+            .wrap(middleware::from_fn(catch_panics))
+            .wrap(cors(&cors_origins))
+            .wrap(middleware::DefaultHeaders::new().add((header::X_CONTENT_TYPE_OPTIONS, "nosniff")))
+            .wrap(
+                middleware::Logger::new(ACCESS_LOG_FORMAT)
+                    .custom_request_replace("method", |req| req.method().to_string()),
+            )
+    })
+    // SIGTERM and Ctrl-C both stop accepting, let in-flight requests finish, then exit.
+    .shutdown_signal(shutdown_signal())
+    .shutdown_timeout(30)
+    .bind((config.host.as_str(), config.port))
+    .map_err(|e| format!("HOST/PORT: cannot listen on {}:{}: {e}", config.host, config.port))?;
+
+    for addr in server.addrs() {
+        log::info!("Listening on http://{}", display_addr(addr));
+    }
+    server.run().await.map_err(|e| e.to_string())?;
+    log::info!("Server stopped");
+    Ok(())
+}
+
+fn display_addr(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+        SocketAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(stream) => stream,
+        Err(e) => {
+            log::error!("cannot listen for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    let ctrl_c = tokio::signal::ctrl_c();
+    futures_util::pin_mut!(ctrl_c);
+    let which = match futures_util::future::select(Box::pin(terminate.recv()), ctrl_c).await {
+        futures_util::future::Either::Left(_) => "SIGTERM",
+        futures_util::future::Either::Right(_) => "Ctrl-C",
+    };
+    log::info!("{which} received: finishing in-flight requests, then stopping");
+}
