@@ -99,7 +99,10 @@ impl fmt::Display for ConfigError {
 }
 
 fn config_error(variable: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError { variable, problem: problem.into() }
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
 }
 
 /// A variable's value; set-but-empty counts as unset, as it does for most twelve-factor apps.
@@ -117,14 +120,23 @@ fn parse_env<T: FromStr>(
         None => Ok(default),
         Some(raw) => match raw.trim().parse::<T>() {
             Ok(value) if valid(&value) => Ok(value),
-            _ => Err(config_error(name, format!("expected {expected}, got {raw:?}"))),
+            _ => Err(config_error(
+                name,
+                format!("expected {expected}, got {raw:?}"),
+            )),
         },
     }
 }
 
 fn comma_separated(raw: Option<String>) -> Vec<String> {
-    raw.map(|r| r.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect())
-        .unwrap_or_default()
+    raw.map(|r| {
+        r.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 impl Config {
@@ -160,7 +172,12 @@ impl Config {
         if let Some(url) = &jwks_url {
             match reqwest::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                _ => return Err(config_error("JWT_JWKS_URL", format!("not an http(s) URL: {url:?}"))),
+                _ => {
+                    return Err(config_error(
+                        "JWT_JWKS_URL",
+                        format!("not an http(s) URL: {url:?}"),
+                    ))
+                }
             }
         }
 
@@ -217,7 +234,12 @@ impl Config {
             bcrypt_cost: parse_env("BCRYPT_COST", 12, |c| (4..=31).contains(c), "4 to 31")?,
             pool_size: match env_var("DATABASE_POOL_SIZE") {
                 None => None,
-                Some(_) => Some(parse_env("DATABASE_POOL_SIZE", 0u32, |n| (1..=1000).contains(n), "1 to 1000")?),
+                Some(_) => Some(parse_env(
+                    "DATABASE_POOL_SIZE",
+                    0u32,
+                    |n| (1..=1000).contains(n),
+                    "1 to 1000",
+                )?),
             },
             pool_timeout: Duration::from_secs_f64(pool_timeout_secs),
             trusted_proxies,
@@ -230,7 +252,10 @@ fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
     if url == "sqlite::memory:" || url == "sqlite://:memory:" {
         // diesel's SQLite driver knows only SQLite's own spelling.
         Ok(DatabaseUrl::Sqlite(":memory:".into()))
-    } else if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+    } else if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
         if path.is_empty() {
             return Err(invalid("no file path after sqlite://"));
         }
@@ -240,7 +265,9 @@ fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
             .map_err(|e| invalid(&format!("not a valid PostgreSQL URL ({e})")))?;
         Ok(DatabaseUrl::Postgres(url.into()))
     } else {
-        Err(invalid("expected sqlite://PATH, sqlite::memory: or postgres://…"))
+        Err(invalid(
+            "expected sqlite://PATH, sqlite::memory: or postgres://…",
+        ))
     }
 }
 
@@ -292,7 +319,9 @@ diesel::allow_tables_to_appear_in_same_query!(users, tasks);
 extern "SQL" {
     /// SQL's `lower()`. PostgreSQL folds Unicode; on SQLite, whose built-in folds only ASCII,
     /// every connection replaces it with Rust's `str::to_lowercase` (see the pool).
-    fn lower(text: diesel::sql_types::Nullable<diesel::sql_types::Text>) -> diesel::sql_types::Nullable<diesel::sql_types::Text>;
+    fn lower(
+        text: diesel::sql_types::Nullable<diesel::sql_types::Text>,
+    ) -> diesel::sql_types::Nullable<diesel::sql_types::Text>;
 }
 
 /// The current time as stored: UTC, truncated to microseconds because PostgreSQL keeps no more.
@@ -469,7 +498,9 @@ struct TaskPatch {
 }
 
 /// Tells a key sent as `null` (`Some(None)`) from a key left out (`None`, via `#[serde(default)]`).
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }
 
@@ -550,7 +581,11 @@ struct FieldError {
 }
 
 fn field_error(loc: &[&str], msg: impl Into<String>, kind: &str) -> FieldError {
-    FieldError { loc: loc.iter().map(|p| json!(p)).collect(), msg: msg.into(), kind: kind.into() }
+    FieldError {
+        loc: loc.iter().map(|p| json!(p)).collect(),
+        msg: msg.into(),
+        kind: kind.into(),
+    }
 }
 
 // ----- Validation: what pydantic did for the Python original ------------------------------------
@@ -581,7 +616,11 @@ fn check_email(email: &mut String, field: &str, errors: &mut Vec<FieldError>) {
             domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
         });
     if !well_formed {
-        errors.push(field_error(&["body", field], "value is not a valid email address", "value_error"));
+        errors.push(field_error(
+            &["body", field],
+            "value is not a valid email address",
+            "value_error",
+        ));
     }
 }
 
@@ -614,13 +653,21 @@ fn check_max_chars(value: &str, max: usize, field: &str, errors: &mut Vec<FieldE
 fn check_title(title: &mut String, errors: &mut Vec<FieldError>) {
     *title = title.trim().to_string();
     if title.is_empty() {
-        errors.push(field_error(&["body", "title"], "String should have at least 1 character", "string_too_short"));
+        errors.push(field_error(
+            &["body", "title"],
+            "String should have at least 1 character",
+            "string_too_short",
+        ));
     }
     check_max_chars(title, TITLE_MAX_CHARS, "title", errors);
 }
 
 fn errors_or_ok(errors: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 impl Validate for RegisterRequest {
@@ -661,7 +708,11 @@ impl Validate for UserUpdate {
         let mut errors = Vec::new();
         match &mut self.email {
             Some(Some(email)) => check_email(email, "email", &mut errors),
-            Some(None) => errors.push(field_error(&["body", "email"], "Input should be a valid string", "string_type")),
+            Some(None) => errors.push(field_error(
+                &["body", "email"],
+                "Input should be a valid string",
+                "string_type",
+            )),
             None => {}
         }
         if let Some(Some(name)) = &self.name {
@@ -684,7 +735,12 @@ impl Validate for TaskInput {
         let mut errors = Vec::new();
         check_title(&mut self.title, &mut errors);
         if let Some(description) = &self.description {
-            check_max_chars(description, DESCRIPTION_MAX_CHARS, "description", &mut errors);
+            check_max_chars(
+                description,
+                DESCRIPTION_MAX_CHARS,
+                "description",
+                &mut errors,
+            );
         }
         errors_or_ok(errors)
     }
@@ -695,14 +751,27 @@ impl Validate for TaskPatch {
         let mut errors = Vec::new();
         match &mut self.title {
             Some(Some(title)) => check_title(title, &mut errors),
-            Some(None) => errors.push(field_error(&["body", "title"], "Input should be a valid string", "string_type")),
+            Some(None) => errors.push(field_error(
+                &["body", "title"],
+                "Input should be a valid string",
+                "string_type",
+            )),
             None => {}
         }
         if let Some(Some(description)) = &self.description {
-            check_max_chars(description, DESCRIPTION_MAX_CHARS, "description", &mut errors);
+            check_max_chars(
+                description,
+                DESCRIPTION_MAX_CHARS,
+                "description",
+                &mut errors,
+            );
         }
         if let Some(None) = self.completed {
-            errors.push(field_error(&["body", "completed"], "Input should be a valid boolean", "bool_type"));
+            errors.push(field_error(
+                &["body", "completed"],
+                "Input should be a valid boolean",
+                "bool_type",
+            ));
         }
         errors_or_ok(errors)
     }
@@ -712,10 +781,18 @@ impl Validate for TaskListQuery {
     fn validate(&mut self) -> Result<(), Vec<FieldError>> {
         let mut errors = Vec::new();
         if self.limit.is_some_and(|l| !(1..=1000).contains(&l)) {
-            errors.push(field_error(&["query", "limit"], "Input should be between 1 and 1000", "value_error"));
+            errors.push(field_error(
+                &["query", "limit"],
+                "Input should be between 1 and 1000",
+                "value_error",
+            ));
         }
         if self.offset.is_some_and(|o| o < 0) {
-            errors.push(field_error(&["query", "offset"], "Input should be greater than or equal to 0", "greater_than_equal"));
+            errors.push(field_error(
+                &["query", "offset"],
+                "Input should be greater than or equal to 0",
+                "greater_than_equal",
+            ));
         }
         errors_or_ok(errors)
     }
@@ -735,7 +812,9 @@ enum ApiError {
     Conflict(&'static str),
     /// 422 with FastAPI's list of field errors.
     Invalid(Vec<FieldError>),
-    TooManyRequests { retry_after: Duration },
+    TooManyRequests {
+        retry_after: Duration,
+    },
     /// A status decided by the framework (404 / 405 / 413 / 415 …) with its message.
     Status(StatusCode, String),
     /// 503: the database did not answer in time.
@@ -747,11 +826,16 @@ enum ApiError {
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ApiError::Unauthorized(m) | ApiError::BadRequest(m) | ApiError::Forbidden(m)
-            | ApiError::NotFound(m) | ApiError::Conflict(m) => f.write_str(m),
+            ApiError::Unauthorized(m)
+            | ApiError::BadRequest(m)
+            | ApiError::Forbidden(m)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m) => f.write_str(m),
             ApiError::Invalid(errors) => write!(f, "invalid input: {errors:?}"),
             ApiError::TooManyRequests { .. } => f.write_str("Too many login attempts"),
-            ApiError::Status(_, m) | ApiError::Unavailable(m) | ApiError::Internal(m) => f.write_str(m),
+            ApiError::Status(_, m) | ApiError::Unavailable(m) | ApiError::Internal(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -777,13 +861,20 @@ impl ResponseError for ApiError {
         // Set here too: an error raised by a middleware (a caught panic) skips DefaultHeaders.
         response.insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"));
         let detail = match self {
-            ApiError::Invalid(errors) => return response.json(ValidationErrorBody { detail: errors.clone() }),
+            ApiError::Invalid(errors) => {
+                return response.json(ValidationErrorBody {
+                    detail: errors.clone(),
+                })
+            }
             ApiError::Unauthorized(_) => {
                 response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
                 self.to_string()
             }
             ApiError::TooManyRequests { retry_after } => {
-                response.insert_header((header::RETRY_AFTER, retry_after.as_secs().max(1).to_string()));
+                response.insert_header((
+                    header::RETRY_AFTER,
+                    retry_after.as_secs().max(1).to_string(),
+                ));
                 self.to_string()
             }
             ApiError::Unavailable(cause) => {
@@ -808,9 +899,10 @@ impl From<diesel::result::Error> for ApiError {
             Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
                 ApiError::Conflict("Email already registered")
             }
-            Error::DatabaseError(DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand, _) => {
-                ApiError::Unavailable(error.to_string())
-            }
+            Error::DatabaseError(
+                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
+                _,
+            ) => ApiError::Unavailable(error.to_string()),
             // SQLite's lock timeout: the database is overloaded, not broken.
             Error::DatabaseError(_, info) if info.message().contains("database is locked") => {
                 ApiError::Unavailable(error.to_string())
@@ -859,7 +951,8 @@ impl<T: DeserializeOwned + Validate + 'static> FromRequest for Json<T> {
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let is_json = content_type(req).is_none_or(|mime| {
-            mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
         });
         let body = read_body(req, payload.take(), JSON_LIMIT);
         async move {
@@ -870,11 +963,21 @@ impl<T: DeserializeOwned + Validate + 'static> FromRequest for Json<T> {
                 ));
             }
             let bytes = body.await?;
-            let mut value: T = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes))
-                .map_err(|e| {
-                    let kind = if e.inner().is_syntax() || e.inner().is_eof() { "json_invalid" } else { "value_error" };
-                    ApiError::Invalid(vec![deserialize_error("body", e.path(), &e.inner().to_string(), kind)])
-                })?;
+            let mut value: T =
+                serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes))
+                    .map_err(|e| {
+                        let kind = if e.inner().is_syntax() || e.inner().is_eof() {
+                            "json_invalid"
+                        } else {
+                            "value_error"
+                        };
+                        ApiError::Invalid(vec![deserialize_error(
+                            "body",
+                            e.path(),
+                            &e.inner().to_string(),
+                            kind,
+                        )])
+                    })?;
             value.validate().map_err(ApiError::Invalid)?;
             Ok(Json(value))
         }
@@ -889,7 +992,8 @@ impl<T: DeserializeOwned + Validate + 'static> FromRequest for Form<T> {
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         // Anything but a form reads as an empty form, so the client learns which fields are
         // missing (as FastAPI answers a JSON body sent to a form route).
-        let is_form = content_type(req).is_some_and(|mime| mime == "application/x-www-form-urlencoded");
+        let is_form =
+            content_type(req).is_some_and(|mime| mime == "application/x-www-form-urlencoded");
         let body = read_body(req, payload.take(), FORM_LIMIT);
         async move {
             let bytes = body.await?;
@@ -909,17 +1013,31 @@ impl<T: DeserializeOwned + Validate> FromRequest for Query<T> {
     }
 }
 
-fn parse_urlencoded<T: DeserializeOwned + Validate>(input: &[u8], place: &str) -> Result<T, ApiError> {
+fn parse_urlencoded<T: DeserializeOwned + Validate>(
+    input: &[u8],
+    place: &str,
+) -> Result<T, ApiError> {
     let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded::parse(input));
-    let mut value: T = serde_path_to_error::deserialize(deserializer)
-        .map_err(|e| ApiError::Invalid(vec![deserialize_error(place, e.path(), &e.inner().to_string(), "value_error")]))?;
+    let mut value: T = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        ApiError::Invalid(vec![deserialize_error(
+            place,
+            e.path(),
+            &e.inner().to_string(),
+            "value_error",
+        )])
+    })?;
     value.validate().map_err(ApiError::Invalid)?;
     Ok(value)
 }
 
 /// Turns a serde error into a FastAPI field error without echoing the submitted value, which
 /// could be a password.
-fn deserialize_error(place: &str, path: &serde_path_to_error::Path, message: &str, kind: &str) -> FieldError {
+fn deserialize_error(
+    place: &str,
+    path: &serde_path_to_error::Path,
+    message: &str,
+    kind: &str,
+) -> FieldError {
     let mut loc = vec![json!(place)];
     for segment in path.iter() {
         match segment {
@@ -929,7 +1047,10 @@ fn deserialize_error(place: &str, path: &serde_path_to_error::Path, message: &st
             serde_path_to_error::Segment::Unknown => {}
         }
     }
-    let (msg, kind) = if let Some(field) = message.strip_prefix("missing field `").and_then(|m| m.split('`').next()) {
+    let (msg, kind) = if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|m| m.split('`').next())
+    {
         loc.push(json!(field));
         ("Field required".to_string(), "missing")
     } else if let Some((_, expected)) = message.split_once(", expected ") {
@@ -940,18 +1061,37 @@ fn deserialize_error(place: &str, path: &serde_path_to_error::Path, message: &st
     } else {
         ("Invalid value".to_string(), kind)
     };
-    FieldError { loc, msg, kind: kind.into() }
+    FieldError {
+        loc,
+        msg,
+        kind: kind.into(),
+    }
 }
 
 fn content_type(req: &HttpRequest) -> Option<String> {
     req.headers().get(header::CONTENT_TYPE).map(|v| {
-        v.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase()
+        v.to_str()
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
     })
 }
 
 /// Reads the whole body, refusing (413) as soon as it grows past `limit`.
-fn read_body(req: &HttpRequest, mut payload: Payload, limit: usize) -> LocalBoxFuture<'static, Result<web::Bytes, ApiError>> {
-    let too_large = move || ApiError::Status(StatusCode::PAYLOAD_TOO_LARGE, format!("Request body is larger than {limit} bytes"));
+fn read_body(
+    req: &HttpRequest,
+    mut payload: Payload,
+    limit: usize,
+) -> LocalBoxFuture<'static, Result<web::Bytes, ApiError>> {
+    let too_large = move || {
+        ApiError::Status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("Request body is larger than {limit} bytes"),
+        )
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -963,7 +1103,12 @@ fn read_body(req: &HttpRequest, mut payload: Payload, limit: usize) -> LocalBoxF
         }
         let mut body = web::BytesMut::new();
         while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|e| ApiError::Status(StatusCode::BAD_REQUEST, format!("Could not read the request body: {e}")))?;
+            let chunk = chunk.map_err(|e| {
+                ApiError::Status(
+                    StatusCode::BAD_REQUEST,
+                    format!("Could not read the request body: {e}"),
+                )
+            })?;
             if body.len() + chunk.len() > limit {
                 return Err(too_large());
             }
@@ -1073,12 +1218,16 @@ impl Database {
                 // Every `:memory:` connection is its own empty database: one connection, kept
                 // for the life of the process, serves readers and writers.
                 let pool = sqlite_pool(path, 1, config.pool_timeout).await?;
-                Database::Sqlite { read: pool.clone(), write: pool }
+                Database::Sqlite {
+                    read: pool.clone(),
+                    write: pool,
+                }
             }
             DatabaseUrl::Sqlite(path) => {
                 // The writer is created first so that it turns WAL on before readers open.
                 let write = sqlite_pool(path, 1, config.pool_timeout).await?;
-                let read = sqlite_pool(path, config.pool_size.unwrap_or(4), config.pool_timeout).await?;
+                let read =
+                    sqlite_pool(path, config.pool_size.unwrap_or(4), config.pool_timeout).await?;
                 Database::Sqlite { read, write }
             }
             DatabaseUrl::Postgres(url) => {
@@ -1102,16 +1251,24 @@ impl Database {
         match self {
             Database::Sqlite { write, .. } => {
                 // On the pool's own connection: for `:memory:` it is the only database there is.
-                let mut conn = write.get().await.map_err(|e| format!("cannot open the database: {e}"))?;
+                let mut conn = write
+                    .get()
+                    .await
+                    .map_err(|e| format!("cannot open the database: {e}"))?;
                 conn.spawn_blocking(|conn| {
-                    Ok(conn.run_pending_migrations(SQLITE_MIGRATIONS).map(|v| v.len()).map_err(|e| e.to_string()))
+                    Ok(conn
+                        .run_pending_migrations(SQLITE_MIGRATIONS)
+                        .map(|v| v.len())
+                        .map_err(|e| e.to_string()))
                 })
                 .await
                 .map_err(|e| e.to_string())?
                 .map(|n| log::info!("database migrations applied: {n} pending"))
             }
             Database::Postgres(_) => {
-                let DatabaseUrl::Postgres(url) = &config.database else { unreachable!() };
+                let DatabaseUrl::Postgres(url) = &config.database else {
+                    unreachable!()
+                };
                 let url = url.clone();
                 // diesel's migration harness is synchronous: run it on a blocking thread through
                 // diesel-async's wrapper (its async harness would call `block_in_place`).
@@ -1119,7 +1276,9 @@ impl Database {
                     use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
                     let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::establish(&url)
                         .map_err(|e| format!("cannot connect: {e}"))?;
-                    conn.run_pending_migrations(POSTGRES_MIGRATIONS).map(|v| v.len()).map_err(|e| e.to_string())
+                    conn.run_pending_migrations(POSTGRES_MIGRATIONS)
+                        .map(|v| v.len())
+                        .map_err(|e| e.to_string())
                 })
                 .await
                 .map_err(|e| e.to_string())?
@@ -1130,7 +1289,9 @@ impl Database {
 
     /// `SELECT 1` through the pool: the real answer to "is the database up?".
     async fn ping(&self) -> Result<(), ApiError> {
-        db!(self, read, |conn| diesel::sql_query("SELECT 1").execute(conn)).map(|_| ())
+        db!(self, read, |conn| diesel::sql_query("SELECT 1")
+            .execute(conn))
+        .map(|_| ())
     }
 }
 
@@ -1172,7 +1333,10 @@ async fn open_sqlite(path: String) -> diesel::ConnectionResult<SqliteConn> {
     })
     .await
     .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))??;
-    Ok(SyncConnectionWrapper::with_runtime(connection, BlockingPool))
+    Ok(SyncConnectionWrapper::with_runtime(
+        connection,
+        BlockingPool,
+    ))
 }
 
 // =================================================================================================
@@ -1195,7 +1359,8 @@ impl FromRequest for CurrentUser {
         let state = req.app_data::<web::Data<AppState>>().cloned();
         let token = bearer_token(req);
         async move {
-            let state = state.ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
+            let state =
+                state.ok_or_else(|| ApiError::Internal("AppState is not registered".into()))?;
             let token = token.ok_or(ApiError::Unauthorized("Not authenticated"))?;
             let identity = state.auth.verify(&token).await?;
             state.user_for(identity).await.map(CurrentUser)
@@ -1219,7 +1384,11 @@ enum Identity {
     /// A token this server issued (or one signed with the shared `JWT_SECRET`): the user must exist.
     Local { user_id: String },
     /// A token from the configured JWK Set: the user is created on first sight.
-    External { user_id: String, email: Option<String>, name: Option<String> },
+    External {
+        user_id: String,
+        email: Option<String>,
+        name: Option<String>,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -1257,20 +1426,37 @@ impl TokenAuthority {
         // Local tokens carry no aud/iss; a token that has them is still checked by signature.
         validation.validate_aud = false;
         Ok(TokenAuthority {
-            encoding_key: EncodingKey::from_secret(&config.jwt_secret).map_err(|e| format!("JWT_SECRET: {e}"))?,
-            decoding_key: DecodingKey::from_secret(&config.jwt_secret).map_err(|e| format!("JWT_SECRET: {e}"))?,
+            encoding_key: EncodingKey::from_secret(&config.jwt_secret)
+                .map_err(|e| format!("JWT_SECRET: {e}"))?,
+            decoding_key: DecodingKey::from_secret(&config.jwt_secret)
+                .map_err(|e| format!("JWT_SECRET: {e}"))?,
             validation,
             ttl: config.access_token_ttl,
-            jwks: config.jwks_url.as_ref().map(|url| JwkSetCache::new(url, config)),
+            jwks: config
+                .jwks_url
+                .as_ref()
+                .map(|url| JwkSetCache::new(url, config)),
         })
     }
 
     fn issue(&self, user_id: &str) -> Result<TokenResponse, ApiError> {
         let iat = Utc::now().timestamp() as u64;
-        let claims = Claims { sub: user_id.to_string(), iat, exp: iat + self.ttl.as_secs() };
-        let access_token = jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::HS256), &claims, &self.encoding_key)
-            .map_err(|e| ApiError::Internal(format!("cannot sign a token: {e}")))?;
-        Ok(TokenResponse { access_token, token_type: "bearer", expires_in: self.ttl.as_secs() })
+        let claims = Claims {
+            sub: user_id.to_string(),
+            iat,
+            exp: iat + self.ttl.as_secs(),
+        };
+        let access_token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(Algorithm::HS256),
+            &claims,
+            &self.encoding_key,
+        )
+        .map_err(|e| ApiError::Internal(format!("cannot sign a token: {e}")))?;
+        Ok(TokenResponse {
+            access_token,
+            token_type: "bearer",
+            expires_in: self.ttl.as_secs(),
+        })
     }
 
     async fn verify(&self, token: &str) -> Result<Identity, ApiError> {
@@ -1285,15 +1471,24 @@ impl TokenAuthority {
         let jwks = self.jwks.as_ref().ok_or(INVALID_TOKEN)?;
         let kid = header.kid.ok_or(INVALID_TOKEN)?;
         let key = jwks.key(&kid).await.ok_or(INVALID_TOKEN)?;
-        let data = jsonwebtoken::decode::<ExternalClaims>(token, &key.decoding_key, &key.validation)
-            .map_err(|_| INVALID_TOKEN)?;
+        let data =
+            jsonwebtoken::decode::<ExternalClaims>(token, &key.decoding_key, &key.validation)
+                .map_err(|_| INVALID_TOKEN)?;
         let claims = data.claims;
-        Ok(Identity::External { user_id: non_empty(claims.sub)?, email: claims.email, name: claims.name })
+        Ok(Identity::External {
+            user_id: non_empty(claims.sub)?,
+            email: claims.email,
+            name: claims.name,
+        })
     }
 }
 
 fn non_empty(sub: String) -> Result<String, ApiError> {
-    if sub.trim().is_empty() { Err(INVALID_TOKEN) } else { Ok(sub) }
+    if sub.trim().is_empty() {
+        Err(INVALID_TOKEN)
+    } else {
+        Ok(sub)
+    }
 }
 
 /// A public key from the JWK Set with the only validation rules it may be used with.
@@ -1366,18 +1561,36 @@ impl JwkSetCache {
     }
 
     fn cached(&self, kid: &str) -> Option<Arc<JwkKey>> {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).get(kid).cloned()
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kid)
+            .cloned()
     }
 
     /// Fetches the set and replaces the cache with the keys it can use.
     async fn refresh(&self) -> Result<usize, String> {
-        let response = self.client.get(&self.url).send().await.map_err(|e| e.to_string())?;
+        let response = self
+            .client
+            .get(&self.url)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
         if !response.status().is_success() {
             return Err(format!("HTTP {}", response.status()));
         }
-        let body: serde_json::Value = response.json().await.map_err(|e| format!("not JSON: {e}"))?;
-        let entries = body.get("keys").and_then(|k| k.as_array()).ok_or("no \"keys\" array")?;
-        let keys: HashMap<String, Arc<JwkKey>> = entries.iter().filter_map(|jwk| self.usable_key(jwk)).collect();
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .map_err(|e| format!("not JSON: {e}"))?;
+        let entries = body
+            .get("keys")
+            .and_then(|k| k.as_array())
+            .ok_or("no \"keys\" array")?;
+        let keys: HashMap<String, Arc<JwkKey>> = entries
+            .iter()
+            .filter_map(|jwk| self.usable_key(jwk))
+            .collect();
         let count = keys.len();
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
         Ok(count)
@@ -1387,7 +1600,11 @@ impl JwkSetCache {
     /// meant for encryption and keys whose declared `alg` does not fit their type are skipped.
     fn usable_key(&self, jwk: &serde_json::Value) -> Option<(String, Arc<JwkKey>)> {
         let kid = jwk.get("kid")?.as_str()?.to_string();
-        if jwk.get("use").and_then(|u| u.as_str()).is_some_and(|u| u != "sig") {
+        if jwk
+            .get("use")
+            .and_then(|u| u.as_str())
+            .is_some_and(|u| u != "sig")
+        {
             return None;
         }
         let kty = jwk.get("kty")?.as_str()?;
@@ -1409,7 +1626,13 @@ impl JwkSetCache {
         let decoding_key = DecodingKey::from_jwk(&parsed).ok()?;
         let mut validation = self.base_validation.clone();
         validation.algorithms = algorithms;
-        Some((kid, Arc::new(JwkKey { decoding_key, validation })))
+        Some((
+            kid,
+            Arc::new(JwkKey {
+                decoding_key,
+                validation,
+            }),
+        ))
     }
 }
 
@@ -1429,12 +1652,17 @@ impl PasswordHasher {
         Ok(PasswordHasher {
             cost,
             permits: tokio::sync::Semaphore::new(cores),
-            dummy_hash: bcrypt::hash(uuid::Uuid::new_v4().to_string(), cost).map_err(|e| e.to_string())?,
+            dummy_hash: bcrypt::hash(uuid::Uuid::new_v4().to_string(), cost)
+                .map_err(|e| e.to_string())?,
         })
     }
 
     async fn hash(&self, password: String) -> Result<String, ApiError> {
-        let _permit = self.permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let cost = self.cost;
         web::block(move || bcrypt::hash(password, cost))
             .await?
@@ -1444,7 +1672,11 @@ impl PasswordHasher {
     /// Whether `password` matches `hash`; with no hash (unknown user, or one who signs in
     /// elsewhere) it checks against the dummy and answers false, in the same time.
     async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, ApiError> {
-        let _permit = self.permits.acquire().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
         let usable = hash.is_some() && password.len() <= PASSWORD_MAX_BYTES;
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         let matches = web::block(move || bcrypt::verify(password, &hash).unwrap_or(false)).await?;
@@ -1470,12 +1702,17 @@ const MAX_FAILURES_PER_CLIENT: usize = 30;
 
 impl LoginThrottle {
     fn new() -> LoginThrottle {
-        LoginThrottle { failures: Mutex::new(HashMap::new()) }
+        LoginThrottle {
+            failures: Mutex::new(HashMap::new()),
+        }
     }
 
     fn keys(email: &str, client: IpAddr) -> [(ThrottleKey, usize); 2] {
         [
-            (ThrottleKey::Email(email.to_string()), MAX_FAILURES_PER_EMAIL),
+            (
+                ThrottleKey::Email(email.to_string()),
+                MAX_FAILURES_PER_EMAIL,
+            ),
             (ThrottleKey::Client(client), MAX_FAILURES_PER_CLIENT),
         ]
     }
@@ -1486,13 +1723,18 @@ impl LoginThrottle {
         let now = Instant::now();
         for (key, limit) in Self::keys(email, client) {
             if let Some(times) = failures.get_mut(&key) {
-                while times.front().is_some_and(|t| now.duration_since(*t) >= THROTTLE_WINDOW) {
+                while times
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= THROTTLE_WINDOW)
+                {
                     times.pop_front();
                 }
                 if times.len() >= limit {
                     let oldest = *times.front().expect("len >= limit > 0");
                     let retry_after = THROTTLE_WINDOW.saturating_sub(now.duration_since(oldest));
-                    return Err(ApiError::TooManyRequests { retry_after: retry_after + Duration::from_millis(999) });
+                    return Err(ApiError::TooManyRequests {
+                        retry_after: retry_after + Duration::from_millis(999),
+                    });
                 }
             }
         }
@@ -1504,7 +1746,11 @@ impl LoginThrottle {
         let now = Instant::now();
         // Attackers choose the emails: drop expired entries before the map can grow large.
         if failures.len() > 10_000 {
-            failures.retain(|_, times| times.back().is_some_and(|t| now.duration_since(*t) < THROTTLE_WINDOW));
+            failures.retain(|_, times| {
+                times
+                    .back()
+                    .is_some_and(|t| now.duration_since(*t) < THROTTLE_WINDOW)
+            });
         }
         for (key, limit) in Self::keys(email, client) {
             let times = failures.entry(key).or_default();
@@ -1516,7 +1762,10 @@ impl LoginThrottle {
     }
 
     fn forget_email(&self, email: &str) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&ThrottleKey::Email(email.to_string()));
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ThrottleKey::Email(email.to_string()));
     }
 }
 
@@ -1534,10 +1783,19 @@ impl AppState {
     async fn user_for(&self, identity: Identity) -> Result<User, ApiError> {
         let (user_id, external) = match identity {
             Identity::Local { user_id } => (user_id, None),
-            Identity::External { user_id, email, name } => (user_id, Some((email, name))),
+            Identity::External {
+                user_id,
+                email,
+                name,
+            } => (user_id, Some((email, name))),
         };
         let found = db!(self.db, read, |conn| async {
-            users::table.find(&user_id).select(User::as_select()).first(conn).await.optional()
+            users::table
+                .find(&user_id)
+                .select(User::as_select())
+                .first(conn)
+                .await
+                .optional()
         })?;
         match (found, external) {
             (Some(user), _) => Ok(user),
@@ -1567,10 +1825,16 @@ impl AppState {
                         .do_nothing()
                         .execute(conn)
                         .await?;
-                    users::table.find(&user_id).select(User::as_select()).first(conn).await
+                    users::table
+                        .find(&user_id)
+                        .select(User::as_select())
+                        .first(conn)
+                        .await
                 })
                 .map_err(|e| match e {
-                    ApiError::Conflict(_) => ApiError::Conflict("Email already registered to another account"),
+                    ApiError::Conflict(_) => {
+                        ApiError::Conflict("Email already registered to another account")
+                    }
                     other => other,
                 })
             }
@@ -1580,7 +1844,9 @@ impl AppState {
     /// The client's address: the TCP peer, or, behind a trusted proxy, the last address in
     /// `X-Forwarded-For` that is not itself a trusted proxy.
     fn client_ip(&self, req: &HttpRequest) -> IpAddr {
-        let peer = req.peer_addr().map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+        let peer = req
+            .peer_addr()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
         if !self.trusted_proxies.contains(&peer) {
             return peer;
         }
@@ -1603,7 +1869,12 @@ impl AppState {
     }
 
     /// The OAuth2 password check behind `/token` and `/api/auth/login`.
-    async fn login(&self, email: &str, password: String, client: IpAddr) -> Result<HttpResponse, ApiError> {
+    async fn login(
+        &self,
+        email: &str,
+        password: String,
+        client: IpAddr,
+    ) -> Result<HttpResponse, ApiError> {
         let email = normalize_email(email);
         self.login_throttle.check(&email, client)?;
         let account: Option<(String, Option<String>)> = db!(self.db, read, |conn| async {
@@ -1616,7 +1887,10 @@ impl AppState {
         })?;
         let (user_id, hash) = account.map_or((None, None), |(id, hash)| (Some(id), hash));
         let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
-        match (user_id, self.passwords.verify(password, hash).await? && plausible) {
+        match (
+            user_id,
+            self.passwords.verify(password, hash).await? && plausible,
+        ) {
             (Some(user_id), true) => {
                 self.login_throttle.forget_email(&email);
                 Ok(HttpResponse::Ok()
@@ -1649,14 +1923,20 @@ impl AppState {
 #[get("/health")]
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     match state.db.ping().await {
-        Ok(()) => HttpResponse::Ok().json(Health { status: "ok", database: "ok".into() }),
+        Ok(()) => HttpResponse::Ok().json(Health {
+            status: "ok",
+            database: "ok".into(),
+        }),
         Err(e) => {
             log::warn!("health check failed: {e}");
             let reason = match e {
                 ApiError::Unavailable(reason) => reason,
                 _ => "query failed".into(),
             };
-            HttpResponse::ServiceUnavailable().json(Health { status: "unavailable", database: reason })
+            HttpResponse::ServiceUnavailable().json(Health {
+                status: "unavailable",
+                database: reason,
+            })
         }
     }
 }
@@ -1676,7 +1956,10 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     )
 )]
 #[post("/api/auth/register")]
-async fn register(state: web::Data<AppState>, Json(body): Json<RegisterRequest>) -> Result<HttpResponse, ApiError> {
+async fn register(
+    state: web::Data<AppState>,
+    Json(body): Json<RegisterRequest>,
+) -> Result<HttpResponse, ApiError> {
     let password_hash = state.passwords.hash(body.password).await?;
     let time = now();
     let id = uuid::Uuid::new_v4().to_string();
@@ -1708,9 +1991,15 @@ async fn register(state: web::Data<AppState>, Json(body): Json<RegisterRequest>)
     )
 )]
 #[post("/token")]
-async fn oauth2_token(state: web::Data<AppState>, req: HttpRequest, Form(form): Form<TokenForm>) -> Result<HttpResponse, ApiError> {
+async fn oauth2_token(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Form(form): Form<TokenForm>,
+) -> Result<HttpResponse, ApiError> {
     let _ = form.scope; // scopes are accepted for OAuth2 clients, and grant none
-    state.login(&form.username, form.password, state.client_ip(&req)).await
+    state
+        .login(&form.username, form.password, state.client_ip(&req))
+        .await
 }
 
 /// Log in with JSON; the same as `/token`.
@@ -1727,8 +2016,14 @@ async fn oauth2_token(state: web::Data<AppState>, req: HttpRequest, Form(form): 
     )
 )]
 #[post("/api/auth/login")]
-async fn login(state: web::Data<AppState>, req: HttpRequest, Json(body): Json<LoginRequest>) -> Result<HttpResponse, ApiError> {
-    state.login(&body.email, body.password, state.client_ip(&req)).await
+async fn login(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    Json(body): Json<LoginRequest>,
+) -> Result<HttpResponse, ApiError> {
+    state
+        .login(&body.email, body.password, state.client_ip(&req))
+        .await
 }
 
 // ----- [users] -----------------------------------------------------------------------------------
@@ -1765,11 +2060,17 @@ async fn update_me(
     CurrentUser(user): CurrentUser,
     Json(body): Json<UserUpdate>,
 ) -> Result<web::Json<User>, ApiError> {
-    let changes = UserChanges { name: body.name, email: body.email.flatten(), updated_at: now() };
-    let updated = db!(state.db, write, |conn| diesel::update(users::table.find(&user.id))
-        .set(&changes)
-        .returning(User::as_returning())
-        .get_result(conn))?;
+    let changes = UserChanges {
+        name: body.name,
+        email: body.email.flatten(),
+        updated_at: now(),
+    };
+    let updated = db!(state.db, write, |conn| diesel::update(
+        users::table.find(&user.id)
+    )
+    .set(&changes)
+    .returning(User::as_returning())
+    .get_result(conn))?;
     Ok(web::Json(updated))
 }
 
@@ -1795,13 +2096,22 @@ async fn change_password(
         .find(&user.id)
         .select(users::password_hash)
         .first(conn))?;
-    if !state.passwords.verify(body.current_password, current_hash).await? {
+    if !state
+        .passwords
+        .verify(body.current_password, current_hash)
+        .await?
+    {
         return Err(ApiError::BadRequest("Incorrect password"));
     }
     let new_hash = state.passwords.hash(body.new_password).await?;
-    db!(state.db, write, |conn| diesel::update(users::table.find(&user.id))
-        .set((users::password_hash.eq(&new_hash), users::updated_at.eq(now())))
-        .execute(conn))?;
+    db!(state.db, write, |conn| diesel::update(
+        users::table.find(&user.id)
+    )
+    .set((
+        users::password_hash.eq(&new_hash),
+        users::updated_at.eq(now())
+    ))
+    .execute(conn))?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -1815,9 +2125,15 @@ async fn change_password(
     )
 )]
 #[delete("/api/users/me")]
-async fn delete_me(state: web::Data<AppState>, CurrentUser(user): CurrentUser) -> Result<HttpResponse, ApiError> {
+async fn delete_me(
+    state: web::Data<AppState>,
+    CurrentUser(user): CurrentUser,
+) -> Result<HttpResponse, ApiError> {
     // Tasks go with the user: ON DELETE CASCADE, enforced on SQLite by `foreign_keys = ON`.
-    db!(state.db, write, |conn| diesel::delete(users::table.find(&user.id)).execute(conn))?;
+    db!(state.db, write, |conn| diesel::delete(
+        users::table.find(&user.id)
+    )
+    .execute(conn))?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -1828,7 +2144,9 @@ fn owner<'u>(user: &'u User, path_user_id: &str) -> Result<&'u str, ApiError> {
     if path_user_id == "me" || path_user_id == user.id {
         Ok(&user.id)
     } else {
-        Err(ApiError::Forbidden("Not allowed to access another user's tasks"))
+        Err(ApiError::Forbidden(
+            "Not allowed to access another user's tasks",
+        ))
     }
 }
 
@@ -1871,7 +2189,11 @@ async fn list_tasks(
     let owner = owner(&user, &path)?;
     let limit = query.limit.unwrap_or(100);
     let offset = query.offset.unwrap_or(0);
-    let pattern = query.q.as_deref().filter(|q| !q.is_empty()).map(like_pattern);
+    let pattern = query
+        .q
+        .as_deref()
+        .filter(|q| !q.is_empty())
+        .map(like_pattern);
 
     // The filters, written once and used for both the page and (rarely) the count.
     macro_rules! matching_tasks {
@@ -1898,15 +2220,30 @@ async fn list_tasks(
     // page past the end (no rows to carry the total) needs a second query.
     let (page, total): (Vec<Task>, i64) = db!(state.db, read, |conn| async {
         let ordered = match (query.sort, query.order) {
-            (SortKey::Created, SortOrder::Asc) => matching_tasks!().order((tasks::created_at.asc(), tasks::id.asc())),
-            (SortKey::Created, SortOrder::Desc) => matching_tasks!().order((tasks::created_at.desc(), tasks::id.desc())),
-            (SortKey::Updated, SortOrder::Asc) => matching_tasks!().order((tasks::updated_at.asc(), tasks::id.asc())),
-            (SortKey::Updated, SortOrder::Desc) => matching_tasks!().order((tasks::updated_at.desc(), tasks::id.desc())),
-            (SortKey::Title, SortOrder::Asc) => matching_tasks!().order((tasks::title.asc(), tasks::id.asc())),
-            (SortKey::Title, SortOrder::Desc) => matching_tasks!().order((tasks::title.desc(), tasks::id.desc())),
+            (SortKey::Created, SortOrder::Asc) => {
+                matching_tasks!().order((tasks::created_at.asc(), tasks::id.asc()))
+            }
+            (SortKey::Created, SortOrder::Desc) => {
+                matching_tasks!().order((tasks::created_at.desc(), tasks::id.desc()))
+            }
+            (SortKey::Updated, SortOrder::Asc) => {
+                matching_tasks!().order((tasks::updated_at.asc(), tasks::id.asc()))
+            }
+            (SortKey::Updated, SortOrder::Desc) => {
+                matching_tasks!().order((tasks::updated_at.desc(), tasks::id.desc()))
+            }
+            (SortKey::Title, SortOrder::Asc) => {
+                matching_tasks!().order((tasks::title.asc(), tasks::id.asc()))
+            }
+            (SortKey::Title, SortOrder::Desc) => {
+                matching_tasks!().order((tasks::title.desc(), tasks::id.desc()))
+            }
         };
         let rows: Vec<(Task, i64)> = ordered
-            .select((Task::as_select(), diesel::dsl::sql::<diesel::sql_types::BigInt>("COUNT(*) OVER ()")))
+            .select((
+                Task::as_select(),
+                diesel::dsl::sql::<diesel::sql_types::BigInt>("COUNT(*) OVER ()"),
+            ))
             .limit(limit)
             .offset(offset)
             .load(conn)
@@ -1918,7 +2255,9 @@ async fn list_tasks(
         };
         Ok::<_, diesel::result::Error>((rows.into_iter().map(|(task, _)| task).collect(), total))
     })?;
-    Ok(HttpResponse::Ok().insert_header(("X-Total-Count", total.to_string())).json(page))
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", total.to_string()))
+        .json(page))
 }
 
 /// Create a task.
@@ -1957,7 +2296,10 @@ async fn create_task(
         .returning(Task::as_returning())
         .get_result(conn))?;
     Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/api/{}/tasks/{}", task.user_id, task.id)))
+        .insert_header((
+            header::LOCATION,
+            format!("/api/{}/tasks/{}", task.user_id, task.id),
+        ))
         .json(task))
 }
 
@@ -1994,7 +2336,12 @@ async fn read_task(
 }
 
 /// Applies `changes` to the caller's task `id` and returns it, or 404.
-async fn update_task(state: &AppState, owner: &str, id: i64, changes: TaskChanges) -> Result<web::Json<Task>, ApiError> {
+async fn update_task(
+    state: &AppState,
+    owner: &str,
+    id: i64,
+    changes: TaskChanges,
+) -> Result<web::Json<Task>, ApiError> {
     let task = db!(state.db, write, |conn| async {
         diesel::update(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
             .set(&changes)
@@ -2091,8 +2438,10 @@ async fn delete_task(
 ) -> Result<HttpResponse, ApiError> {
     let (path_user, id) = path.into_inner();
     let owner = owner(&user, &path_user)?;
-    let deleted = db!(state.db, write, |conn| diesel::delete(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
-        .execute(conn))?;
+    let deleted = db!(state.db, write, |conn| diesel::delete(
+        tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner)))
+    )
+    .execute(conn))?;
     if deleted == 0 {
         return Err(TASK_NOT_FOUND);
     }
@@ -2122,7 +2471,10 @@ async fn toggle_task(
     let owner = owner(&user, &path_user)?;
     let task = db!(state.db, write, |conn| async {
         diesel::update(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
-            .set((tasks::completed.eq(diesel::dsl::not(tasks::completed)), tasks::updated_at.eq(now())))
+            .set((
+                tasks::completed.eq(diesel::dsl::not(tasks::completed)),
+                tasks::updated_at.eq(now()),
+            ))
             .returning(Task::as_returning())
             .get_result(conn)
             .await
@@ -2153,11 +2505,19 @@ impl Modify for SecuritySchemes {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
         );
         components.add_security_scheme(
             "oauth2",
-            SecurityScheme::OAuth2(OAuth2::new([Flow::Password(Password::new("/token", Scopes::new()))])),
+            SecurityScheme::OAuth2(OAuth2::new([Flow::Password(Password::new(
+                "/token",
+                Scopes::new(),
+            ))])),
         );
     }
 }
@@ -2194,18 +2554,32 @@ impl KnownRoutes {
             .map(|(path, item)| {
                 let methods = serde_json::to_value(item)
                     .ok()
-                    .and_then(|v| v.as_object().map(|o| o.keys().filter_map(|k| Method::from_str(&k.to_uppercase()).ok()).collect()))
+                    .and_then(|v| {
+                        v.as_object().map(|o| {
+                            o.keys()
+                                .filter_map(|k| Method::from_str(&k.to_uppercase()).ok())
+                                .collect()
+                        })
+                    })
                     .unwrap_or_default();
                 (ResourceDef::new(path.as_str()), methods)
             })
             .collect();
         routes.push((ResourceDef::new("/openapi.json"), vec![Method::GET]));
-        routes.push((ResourceDef::new(["/docs", "/docs/{_:.*}"]), vec![Method::GET]));
+        routes.push((
+            ResourceDef::new(["/docs", "/docs/{_:.*}"]),
+            vec![Method::GET],
+        ));
         KnownRoutes(routes)
     }
 
     fn allowed(&self, path: &str) -> Option<Vec<&Method>> {
-        let methods: Vec<&Method> = self.0.iter().filter(|(def, _)| def.is_match(path)).flat_map(|(_, m)| m).collect();
+        let methods: Vec<&Method> = self
+            .0
+            .iter()
+            .filter(|(def, _)| def.is_match(path))
+            .flat_map(|(_, m)| m)
+            .collect();
         (!methods.is_empty()).then_some(methods)
     }
 }
@@ -2215,8 +2589,14 @@ impl KnownRoutes {
 async fn no_route(req: HttpRequest, known: web::Data<KnownRoutes>) -> HttpResponse {
     match known.allowed(req.path()) {
         Some(methods) => {
-            let allow = methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
-            let mut response = ApiError::Status(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed".into()).error_response();
+            let allow = methods
+                .iter()
+                .map(|m| m.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut response =
+                ApiError::Status(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed".into())
+                    .error_response();
             if let Ok(value) = HeaderValue::from_str(&allow) {
                 response.headers_mut().insert(header::ALLOW, value);
             }
@@ -2232,7 +2612,10 @@ async fn catch_panics(
     req: ServiceRequest,
     next: middleware::Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    match std::panic::AssertUnwindSafe(next.call(req)).catch_unwind().await {
+    match std::panic::AssertUnwindSafe(next.call(req))
+        .catch_unwind()
+        .await
+    {
         Ok(response) => response,
         Err(panic) => {
             let cause = panic
@@ -2252,10 +2635,21 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
     // just without Access-Control-Allow-Origin, so browsers keep them from foreign pages.
     origins
         .iter()
-        .fold(actix_cors::Cors::default(), |cors, origin| cors.allowed_origin(origin))
-        .allowed_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+        .fold(actix_cors::Cors::default(), |cors, origin| {
+            cors.allowed_origin(origin)
+        })
+        .allowed_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
         .allowed_headers([header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT])
-        .expose_headers([header::HeaderName::from_static("x-total-count"), header::LOCATION])
+        .expose_headers([
+            header::HeaderName::from_static("x-total-count"),
+            header::LOCATION,
+        ])
         .block_on_origin_mismatch(false)
         .max_age(3600)
 }
@@ -2269,7 +2663,8 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
 const ACCESS_LOG_FORMAT: &str = r#"%a "%{method}xi %U" %s %b %Dms"#;
 
 fn init_logging() {
-    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     // tokio-postgres logs bound parameters at debug level, and those include password hashes.
     logger.filter_module("tokio_postgres", log::LevelFilter::Info);
     logger.init();
@@ -2292,9 +2687,13 @@ fn main() {
 
 async fn serve(config: Config) -> Result<(), String> {
     if config.jwt_secret_is_random {
-        log::warn!("JWT_SECRET is not set: using a random secret, so tokens will not survive a restart");
+        log::warn!(
+            "JWT_SECRET is not set: using a random secret, so tokens will not survive a restart"
+        );
     }
-    let database = Database::connect(&config).await.map_err(|e| format!("DATABASE_URL: {e}"))?;
+    let database = Database::connect(&config)
+        .await
+        .map_err(|e| format!("DATABASE_URL: {e}"))?;
     let auth = TokenAuthority::new(&config)?;
     if let Some(jwks) = &auth.jwks {
         // Not fatal: the issuer may start after us, and an unknown kid fetches again.
@@ -2315,7 +2714,11 @@ async fn serve(config: Config) -> Result<(), String> {
         trusted_proxies: config.trusted_proxies.clone(),
     });
 
-    let (_, openapi) = App::new().into_utoipa_app().openapi(ApiDoc::openapi()).configure(api_routes).split_for_parts();
+    let (_, openapi) = App::new()
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .configure(api_routes)
+        .split_for_parts();
     let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
     let cors_origins = config.cors_origins.clone();
 
@@ -2328,13 +2731,20 @@ async fn serve(config: Config) -> Result<(), String> {
             .app_data(known_routes.clone())
             // The task id is the only typed path parameter: a path that fails to parse names it.
             .app_data(web::PathConfig::default().error_handler(|_, _| {
-                ApiError::Invalid(vec![field_error(&["path", "id"], "Input should be a valid integer", "int_parsing")]).into()
+                ApiError::Invalid(vec![field_error(
+                    &["path", "id"],
+                    "Input should be a valid integer",
+                    "int_parsing",
+                )])
+                .into()
             }))
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
             .default_service(web::to(no_route))
             .wrap(middleware::from_fn(catch_panics))
             .wrap(cors(&cors_origins))
-            .wrap(middleware::DefaultHeaders::new().add((header::X_CONTENT_TYPE_OPTIONS, "nosniff")))
+            .wrap(
+                middleware::DefaultHeaders::new().add((header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
+            )
             .wrap(
                 middleware::Logger::new(ACCESS_LOG_FORMAT)
                     .custom_request_replace("method", |req| req.method().to_string()),
@@ -2344,7 +2754,12 @@ async fn serve(config: Config) -> Result<(), String> {
     .shutdown_signal(shutdown_signal())
     .shutdown_timeout(30)
     .bind((config.host.as_str(), config.port))
-    .map_err(|e| format!("HOST/PORT: cannot listen on {}:{}: {e}", config.host, config.port))?;
+    .map_err(|e| {
+        format!(
+            "HOST/PORT: cannot listen on {}:{}: {e}",
+            config.host, config.port
+        )
+    })?;
 
     for addr in server.addrs() {
         log::info!("Listening on http://{}", display_addr(addr));
