@@ -2630,6 +2630,36 @@ async fn catch_panics(
     }
 }
 
+/// The last line of defence for the contract's "every error is JSON": an error response that
+/// some layer produced as plain text (a refused CORS preflight, say) is re-rendered as
+/// `{"detail": "<reason>"}`, keeping its status and headers.
+fn json_error_bodies<B>(
+    res: ServiceResponse<B>,
+) -> actix_web::Result<middleware::ErrorHandlerResponse<B>> {
+    let is_json = res
+        .response()
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return Ok(middleware::ErrorHandlerResponse::Response(
+            res.map_into_left_body(),
+        ));
+    }
+    let status = res.status();
+    let (req, original) = res.into_parts();
+    let reason = status.canonical_reason().unwrap_or("Error").to_string();
+    let mut json = ApiError::Status(status, reason).error_response();
+    for (name, value) in original.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            json.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    Ok(middleware::ErrorHandlerResponse::Response(
+        ServiceResponse::new(req, json).map_into_right_body(),
+    ))
+}
+
 fn cors(origins: &[String]) -> actix_cors::Cors {
     // Closed unless CORS_ORIGINS names origins; requests from other origins still get answers,
     // just without Access-Control-Allow-Origin, so browsers keep them from foreign pages.
@@ -2738,10 +2768,12 @@ async fn serve(config: Config) -> Result<(), String> {
                 )])
                 .into()
             }))
+            .service(web::redirect("/docs", "/docs/"))
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
             .default_service(web::to(no_route))
             .wrap(middleware::from_fn(catch_panics))
             .wrap(cors(&cors_origins))
+            .wrap(middleware::ErrorHandlers::new().default_handler(json_error_bodies))
             .wrap(
                 middleware::DefaultHeaders::new().add((header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
             )
