@@ -1391,11 +1391,19 @@ enum Identity {
     },
 }
 
-#[derive(Serialize, Deserialize)]
+/// What this server puts in the tokens it issues.
+#[derive(Serialize)]
 struct Claims {
     sub: String,
     iat: u64,
     exp: u64,
+}
+
+/// What a local token must carry beyond `exp` (which jsonwebtoken checks): `iat` is optional,
+/// as it is for PyJWT.
+#[derive(Deserialize)]
+struct LocalClaims {
+    sub: String,
 }
 
 #[derive(Deserialize)]
@@ -1464,7 +1472,7 @@ impl TokenAuthority {
         // it accepts, so `alg: none` or an HMAC token "signed" with a public key goes nowhere.
         let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID_TOKEN)?;
         if header.alg == Algorithm::HS256 {
-            let data = jsonwebtoken::decode::<Claims>(token, &self.decoding_key, &self.validation)
+            let data = jsonwebtoken::decode::<LocalClaims>(token, &self.decoding_key, &self.validation)
                 .map_err(|_| INVALID_TOKEN)?;
             return non_empty(data.claims.sub).map(|user_id| Identity::Local { user_id });
         }
