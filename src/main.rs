@@ -208,7 +208,7 @@ impl Config {
 
         let pool_timeout_secs: f64 = parse_env(
             "DATABASE_POOL_TIMEOUT",
-            2.0,
+            5.0,
             |s| *s > 0.0 && *s <= 3600.0,
             "seconds between 0 and 3600",
         )?;
@@ -1232,8 +1232,11 @@ impl Database {
             }
             DatabaseUrl::Postgres(url) => {
                 let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.clone());
+                let size = config.pool_size.unwrap_or(10);
                 let pool = bb8::Pool::builder()
-                    .max_size(config.pool_size.unwrap_or(10))
+                    .max_size(size)
+                    // A couple of connections kept open, so a burst does not start from nothing.
+                    .min_idle(Some(size.min(2)))
                     .connection_timeout(config.pool_timeout)
                     // A dead connection is dropped on return (diesel-async checks the socket),
                     // so there is no need to pay a round trip to test each one on checkout.
