@@ -963,26 +963,49 @@ impl<T: DeserializeOwned + Validate + 'static> FromRequest for Json<T> {
                 ));
             }
             let bytes = body.await?;
-            let mut value: T =
-                serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes))
-                    .map_err(|e| {
-                        let kind = if e.inner().is_syntax() || e.inner().is_eof() {
-                            "json_invalid"
-                        } else {
-                            "value_error"
-                        };
-                        ApiError::Invalid(vec![deserialize_error(
-                            "body",
-                            e.path(),
-                            &e.inner().to_string(),
-                            kind,
-                        )])
-                    })?;
-            value.validate().map_err(ApiError::Invalid)?;
-            Ok(Json(value))
+            Ok(Json(parse_json(&bytes)?))
         }
         .boxed_local()
     }
+}
+
+/// Parses a JSON object body the way pydantic does: one object, nothing after it, errors
+/// located by field.
+fn parse_json<T: DeserializeOwned + Validate>(bytes: &[u8]) -> Result<T, ApiError> {
+    let body_error =
+        |msg: &str, kind: &str| ApiError::Invalid(vec![field_error(&["body"], msg, kind)]);
+    match bytes.trim_ascii_start().first() {
+        None => return Err(body_error("Field required", "missing")),
+        // serde would happily fill a struct from an array; FastAPI wants an object.
+        Some(b'{') => {}
+        Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+            return Err(body_error(
+                "Input should be a valid dictionary or object to extract fields from",
+                "model_attributes_type",
+            ))
+        }
+        Some(_) => return Err(body_error("JSON decode error", "json_invalid")),
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let mut value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let kind = if e.inner().is_syntax() || e.inner().is_eof() {
+            "json_invalid"
+        } else {
+            "value_error"
+        };
+        ApiError::Invalid(vec![deserialize_error(
+            "body",
+            e.path(),
+            &e.inner().to_string(),
+            kind,
+        )])
+    })?;
+    // Trailing bytes after the object are malformed JSON, not something to ignore.
+    deserializer
+        .end()
+        .map_err(|_| body_error("JSON decode error", "json_invalid"))?;
+    value.validate().map_err(ApiError::Invalid)?;
+    Ok(value)
 }
 
 impl<T: DeserializeOwned + Validate + 'static> FromRequest for Form<T> {
@@ -1475,8 +1498,9 @@ impl TokenAuthority {
         // it accepts, so `alg: none` or an HMAC token "signed" with a public key goes nowhere.
         let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID_TOKEN)?;
         if header.alg == Algorithm::HS256 {
-            let data = jsonwebtoken::decode::<LocalClaims>(token, &self.decoding_key, &self.validation)
-                .map_err(|_| INVALID_TOKEN)?;
+            let data =
+                jsonwebtoken::decode::<LocalClaims>(token, &self.decoding_key, &self.validation)
+                    .map_err(|_| INVALID_TOKEN)?;
             return non_empty(data.claims.sub).map(|user_id| Identity::Local { user_id });
         }
         let jwks = self.jwks.as_ref().ok_or(INVALID_TOKEN)?;
@@ -1528,7 +1552,11 @@ impl JwkSetCache {
     fn new(url: &str, config: &Config) -> JwkSetCache {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.leeway = LEEWAY_SECONDS;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured issuer or audience must be present, not merely right when present.
+        let mut required = vec!["exp", "sub"];
+        required.extend(config.jwt_issuer.as_ref().map(|_| "iss"));
+        required.extend(config.jwt_audience.as_ref().map(|_| "aud"));
+        validation.set_required_spec_claims(&required);
         match &config.jwt_issuer {
             Some(issuer) => validation.set_issuer(&[issuer]),
             None => validation.iss = None,
@@ -1827,13 +1855,13 @@ impl AppState {
                     created_at: time,
                     updated_at: time,
                 };
-                // Two first requests can race: the loser's insert does nothing and both read
-                // the same row. A different account holding the email is a 409.
-                db!(self.db, write, |conn| async {
+                // Two first requests can race. Whichever unique index trips first, the loser's
+                // insert does nothing and both read the row by id; no row means the email
+                // belongs to a different account.
+                let created = db!(self.db, write, |conn| async {
                     diesel::insert_into(users::table)
                         .values(&new_user)
-                        .on_conflict(users::id)
-                        .do_nothing()
+                        .on_conflict_do_nothing()
                         .execute(conn)
                         .await?;
                     users::table
@@ -1841,13 +1869,11 @@ impl AppState {
                         .select(User::as_select())
                         .first(conn)
                         .await
-                })
-                .map_err(|e| match e {
-                    ApiError::Conflict(_) => {
-                        ApiError::Conflict("Email already registered to another account")
-                    }
-                    other => other,
-                })
+                        .optional()
+                })?;
+                created.ok_or(ApiError::Conflict(
+                    "Email already registered to another account",
+                ))
             }
         }
     }
@@ -2505,6 +2531,7 @@ async fn toggle_task(
         (name = "users", description = "The signed-in user"),
         (name = "tasks", description = "The signed-in user's tasks"),
     ),
+    components(schemas(StatusFilter, SortKey, SortOrder)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
