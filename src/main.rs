@@ -110,16 +110,16 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// A variable parsed as `T`: `None` when unset, an error when set to something `valid` refuses.
 fn parse_env<T: FromStr>(
     name: &'static str,
-    default: T,
     valid: impl Fn(&T) -> bool,
     expected: &str,
-) -> Result<T, ConfigError> {
+) -> Result<Option<T>, ConfigError> {
     match env_var(name) {
-        None => Ok(default),
+        None => Ok(None),
         Some(raw) => match raw.trim().parse::<T>() {
-            Ok(value) if valid(&value) => Ok(value),
+            Ok(value) if valid(&value) => Ok(Some(value)),
             _ => Err(config_error(
                 name,
                 format!("expected {expected}, got {raw:?}"),
@@ -144,6 +144,13 @@ impl Config {
         // The environment wins over `.env`: dotenvy never overwrites a variable that is set.
         match dotenvy::from_path(".env") {
             Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Not the error's text: it quotes the line, which may hold a secret.
+            Err(dotenvy::Error::LineParse(_, at)) => {
+                return Err(config_error(
+                    ".env",
+                    format!("cannot parse the line at byte {at}"),
+                ))
+            }
             Err(e) => return Err(config_error(".env", e.to_string())),
             Ok(()) => {}
         }
@@ -152,19 +159,19 @@ impl Config {
             &env_var("DATABASE_URL").unwrap_or_else(|| "sqlite://todo.db".into()),
         )?;
 
-        let (jwt_secret, secret_variable) = match env_var("JWT_SECRET") {
-            Some(secret) => (Some(secret), "JWT_SECRET"),
-            None => (env_var("BETTER_AUTH_SECRET"), "BETTER_AUTH_SECRET"),
-        };
-        let jwt_secret_is_random = jwt_secret.is_none();
-        let jwt_secret = match jwt_secret {
-            Some(secret) if secret.len() < 32 => {
+        // Set counts even when empty: an empty secret is a mistake to report, not to paper over.
+        let configured_secret = ["JWT_SECRET", "BETTER_AUTH_SECRET"]
+            .into_iter()
+            .find_map(|name| std::env::var(name).ok().map(|secret| (name, secret)));
+        let jwt_secret_is_random = configured_secret.is_none();
+        let jwt_secret = match configured_secret {
+            Some((name, secret)) if secret.len() < 32 => {
                 return Err(config_error(
-                    secret_variable,
+                    name,
                     format!("must be at least 32 bytes, got {}", secret.len()),
                 ))
             }
-            Some(secret) => secret.into_bytes(),
+            Some((_, secret)) => secret.into_bytes(),
             None => rand::random::<[u8; 32]>().to_vec(),
         };
 
@@ -208,39 +215,35 @@ impl Config {
 
         let pool_timeout_secs: f64 = parse_env(
             "DATABASE_POOL_TIMEOUT",
-            5.0,
             |s| *s > 0.0 && *s <= 3600.0,
             "seconds between 0 and 3600",
-        )?;
+        )?
+        .unwrap_or(5.0);
+        let token_minutes: u64 = parse_env(
+            "ACCESS_TOKEN_EXPIRE_MINUTES",
+            |m| (1..=525_600).contains(m),
+            "minutes from 1 to 525600",
+        )?
+        .unwrap_or(30);
 
         Ok(Config {
             database,
             host: env_var("HOST").unwrap_or_else(|| "127.0.0.1".into()),
-            port: parse_env("PORT", 8000, |_| true, "a port number (0-65535)")?,
+            port: parse_env("PORT", |_| true, "a port number (0-65535)")?.unwrap_or(8000),
             jwt_secret,
             jwt_secret_is_random,
-            access_token_ttl: Duration::from_secs(
-                60 * parse_env(
-                    "ACCESS_TOKEN_EXPIRE_MINUTES",
-                    30u64,
-                    |m| (1..=525_600).contains(m),
-                    "minutes from 1 to 525600",
-                )?,
-            ),
+            access_token_ttl: Duration::from_secs(60 * token_minutes),
             jwks_url,
             jwt_issuer: env_var("JWT_ISSUER"),
             jwt_audience: env_var("JWT_AUDIENCE"),
             cors_origins,
-            bcrypt_cost: parse_env("BCRYPT_COST", 12, |c| (4..=31).contains(c), "4 to 31")?,
-            pool_size: match env_var("DATABASE_POOL_SIZE") {
-                None => None,
-                Some(_) => Some(parse_env(
-                    "DATABASE_POOL_SIZE",
-                    0u32,
-                    |n| (1..=1000).contains(n),
-                    "1 to 1000",
-                )?),
-            },
+            bcrypt_cost: parse_env("BCRYPT_COST", |c| (4..=31).contains(c), "4 to 31")?
+                .unwrap_or(12),
+            pool_size: parse_env(
+                "DATABASE_POOL_SIZE",
+                |n| (1..=1000).contains(n),
+                "1 to 1000",
+            )?,
             pool_timeout: Duration::from_secs_f64(pool_timeout_secs),
             trusted_proxies,
         })
