@@ -18,12 +18,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
@@ -1152,47 +1149,36 @@ fn read_body(
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
-/// Runs SQLite work on the runtime's blocking pool and, if the waiting request is dropped (a
-/// client that hangs up, or a sibling extractor that failed), waits for that work to finish
-/// before the connection can be used again.
+/// Runs each SQLite statement right away, on the async worker that asked for it.
 ///
-/// diesel-async's default spawner waits with `tokio::task::block_in_place`, which panics on
-/// actix's current-thread runtimes. The work itself never needs the worker thread, so a plain
-/// wait is safe, and it happens only on the rare cancelled query.
-struct BlockingPool;
+/// A statement on a local WAL database is a few microseconds of work from the page cache; handing
+/// it to a blocking thread and back costs two thread switches, more than the work, and puts
+/// the hand-off latency on the single writer's critical path. The waits SQLite can have are
+/// kept off the request path instead: checkpoints (the only fsyncs with `synchronous=NORMAL`)
+/// run on a background thread (`spawn_checkpointer`), and within this process nothing holds the
+/// write lock but the one writer connection, so `busy_timeout` only matters when another
+/// process writes to the same file.
+///
+/// It also sidesteps a panic: diesel-async's default spawner, when a query future is dropped
+/// early (a client that hangs up, a sibling extractor that failed), waits with
+/// `tokio::task::block_in_place`, which panics on actix's current-thread runtimes. Here the work
+/// is finished before any future exists, so there is never work in flight to wait for.
+struct OnWorkerThread;
 
-impl SpawnBlocking for BlockingPool {
+impl SpawnBlocking for OnWorkerThread {
     fn spawn_blocking<'a, R: Send + 'static>(
         &mut self,
         task: impl FnOnce() -> R + Send + 'static,
     ) -> BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>> {
-        let handle = FinishOnDrop(tokio::task::spawn_blocking(task));
-        async move { handle.await.map_err(Into::into) }.boxed()
+        std::future::ready(Ok(task())).boxed()
     }
 
     fn get_runtime() -> Self {
-        BlockingPool
+        OnWorkerThread
     }
 }
 
-struct FinishOnDrop<R>(tokio::task::JoinHandle<R>);
-
-impl<R> Future for FinishOnDrop<R> {
-    type Output = Result<R, tokio::task::JoinError>;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<R> Drop for FinishOnDrop<R> {
-    fn drop(&mut self) {
-        while !self.0.is_finished() {
-            std::thread::sleep(Duration::from_micros(50));
-        }
-    }
-}
-
-type SqliteConn = SyncConnectionWrapper<SqliteConnection, BlockingPool>;
+type SqliteConn = SyncConnectionWrapper<SqliteConnection, OnWorkerThread>;
 type SqlitePool = bb8::Pool<AsyncDieselConnectionManager<SqliteConn>>;
 type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 
@@ -1252,14 +1238,15 @@ impl Database {
             DatabaseUrl::Sqlite(path) => {
                 // The writer is created first so that it turns WAL on before readers open.
                 let write = sqlite_pool(path, 1, config.pool_timeout).await?;
-                let read =
-                    sqlite_pool(path, config.pool_size.unwrap_or(4), config.pool_timeout).await?;
+                let readers = config.pool_size.unwrap_or(4);
+                let read = sqlite_pool(path, readers, config.pool_timeout).await?;
+                spawn_checkpointer(path)?;
                 Database::Sqlite { read, write }
             }
             DatabaseUrl::Postgres(url) => {
                 let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
                 manager_config.custom_setup =
-                    Box::new(|url| connect_postgres(url.to_string()).boxed());
+                    Box::new(|url| connect_postgres_on_main(url.to_string()));
                 let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
                 let size = config.pool_size.unwrap_or(10);
                 let pool = bb8::Pool::builder()
@@ -1343,6 +1330,31 @@ async fn connect_postgres(url: String) -> diesel::ConnectionResult<AsyncPgConnec
     AsyncPgConnection::try_from_client_and_connection(client, connection).await
 }
 
+/// Opens a pooled PostgreSQL connection from the main arbiter.
+///
+/// tokio-postgres drives each connection with a task on the runtime that opened it. bb8 opens
+/// connections from whichever actix worker needs one, and at shutdown an idle worker stops while
+/// another still finishes its requests: connections opened there would die under them. The main
+/// arbiter runs until every worker is done.
+fn connect_postgres_on_main(
+    url: String,
+) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    actix_web::rt::System::current()
+        .arbiter()
+        .spawn(async move {
+            let _ = sender.send(connect_postgres(url).await);
+        });
+    async move {
+        receiver.await.unwrap_or_else(|_| {
+            Err(diesel::ConnectionError::BadConnection(
+                "the server is stopping".into(),
+            ))
+        })
+    }
+    .boxed()
+}
+
 fn postgres_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
     static TLS: std::sync::OnceLock<rustls::ClientConfig> = std::sync::OnceLock::new();
     let config = TLS.get_or_init(|| {
@@ -1380,30 +1392,47 @@ async fn sqlite_pool(path: &str, size: u32, timeout: Duration) -> Result<SqliteP
 
 /// Opens one SQLite connection, set up the way this app needs every connection to be.
 async fn open_sqlite(path: String) -> diesel::ConnectionResult<SqliteConn> {
-    let connection = tokio::task::spawn_blocking(move || {
-        let mut conn = SqliteConnection::establish(&path)?;
-        let setup = |conn: &mut SqliteConnection| -> QueryResult<()> {
-            // busy_timeout first, so the statements after it wait for a lock instead of failing.
-            // WAL lets readers run beside the writer; NORMAL syncs at checkpoints, which in WAL
-            // mode keeps every commit across a crash of this process.
-            diesel::connection::SimpleConnection::batch_execute(
-                conn,
-                "PRAGMA busy_timeout = 5000;
-                 PRAGMA journal_mode = WAL;
-                 PRAGMA synchronous = NORMAL;
-                 PRAGMA foreign_keys = ON;",
-            )?;
-            lower_utils::register_impl(conn, |text: Option<String>| text.map(|t| t.to_lowercase()))
-        };
-        setup(&mut conn).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-        Ok::<_, diesel::ConnectionError>(conn)
-    })
-    .await
-    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))??;
-    Ok(SyncConnectionWrapper::with_runtime(
-        connection,
-        BlockingPool,
-    ))
+    let mut conn = SqliteConnection::establish(&path)?;
+    let setup = |conn: &mut SqliteConnection| -> QueryResult<()> {
+        // busy_timeout first, so the statements after it wait for a lock instead of failing.
+        // WAL lets readers run beside the writer. NORMAL syncs only at checkpoints, and in WAL
+        // mode keeps every commit across a crash of this process. Checkpoints are left to the
+        // background checkpointer, so no request ever waits for an fsync.
+        diesel::connection::SimpleConnection::batch_execute(
+            conn,
+            "PRAGMA busy_timeout = 5000;
+             PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA wal_autocheckpoint = 0;
+             PRAGMA foreign_keys = ON;",
+        )?;
+        lower_utils::register_impl(conn, |text: Option<String>| text.map(|t| t.to_lowercase()))
+    };
+    setup(&mut conn).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(SyncConnectionWrapper::with_runtime(conn, OnWorkerThread))
+}
+
+/// Copies committed pages from the WAL into the database file once a second, on a thread of its
+/// own with its own connection: the fsyncs this takes never land on a request.
+fn spawn_checkpointer(path: &str) -> Result<(), String> {
+    let mut conn = SqliteConnection::establish(path).map_err(|e| e.to_string())?;
+    diesel::connection::SimpleConnection::batch_execute(&mut conn, "PRAGMA busy_timeout = 5000;")
+        .map_err(|e| e.to_string())?;
+    std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            // PASSIVE never blocks readers or the writer; what it cannot copy now, it copies
+            // next time.
+            if let Err(e) = diesel::connection::SimpleConnection::batch_execute(
+                &mut conn,
+                "PRAGMA wal_checkpoint(PASSIVE);",
+            ) {
+                log::warn!("SQLite checkpoint failed: {e}");
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 // =================================================================================================
