@@ -1200,16 +1200,13 @@ enum Database {
 macro_rules! db {
     ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
         match &$database {
-            Database::Sqlite { read, write } => {
-                let _ = (&read, &write);
-                match db!(@pool read, write, $role).get().await {
-                    Ok(mut pooled) => {
-                        let $conn = &mut *pooled;
-                        $query.await.map_err(ApiError::from)
-                    }
-                    Err(e) => Err(ApiError::from(e)),
+            Database::Sqlite { $role: pool, .. } => match pool.get().await {
+                Ok(mut pooled) => {
+                    let $conn = &mut *pooled;
+                    $query.await.map_err(ApiError::from)
                 }
-            }
+                Err(e) => Err(ApiError::from(e)),
+            },
             Database::Postgres(pool) => match pool.get().await {
                 Ok(mut pooled) => {
                     let $conn = &mut *pooled;
@@ -1219,8 +1216,6 @@ macro_rules! db {
             },
         }
     };
-    (@pool $read:ident, $write:ident, read) => { $read };
-    (@pool $read:ident, $write:ident, write) => { $write };
 }
 
 impl Database {
@@ -1282,7 +1277,7 @@ impl Database {
                 })
                 .await
                 .map_err(|e| e.to_string())?
-                .map(|n| log::info!("database migrations applied: {n} pending"))
+                .map(|n| log::info!("database schema up to date ({n} migrations applied now)"))
             }
             Database::Postgres(_) => {
                 let DatabaseUrl::Postgres(url) = &config.database else {
@@ -1302,7 +1297,7 @@ impl Database {
                 })
                 .await
                 .map_err(|e| e.to_string())?
-                .map(|n| log::info!("database migrations applied: {n} pending"))
+                .map(|n| log::info!("database schema up to date ({n} migrations applied now)"))
             }
         }
     }
