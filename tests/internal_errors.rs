@@ -1,0 +1,58 @@
+//! A database error is a 500 `{"detail": "Internal Server Error"}`: the cause goes to the log,
+//! never into the response.
+mod common;
+use common::*;
+
+/// Drops the tasks table behind the running server's back.
+fn drop_tasks_table(srv: &Server) {
+    match srv.db.sqlite_path() {
+        Some(path) => {
+            use diesel::connection::SimpleConnection;
+            use diesel::Connection;
+            let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+            conn.batch_execute("PRAGMA busy_timeout = 5000; DROP TABLE tasks;")
+                .unwrap();
+        }
+        None => {
+            let mut admin = ::postgres::Client::connect(&srv.db.url, ::postgres::NoTls).unwrap();
+            admin.batch_execute("DROP TABLE tasks CASCADE").unwrap();
+        }
+    }
+}
+
+fn database_error_is_a_bare_500(backend: &Backend) {
+    let srv = start(backend);
+    let (_, token) = srv.user("broken@example.com");
+    let (status, _, _) = send(
+        srv.post("/api/me/tasks")
+            .bearer_auth(&token)
+            .json(&json!({"title": "before"})),
+    );
+    assert_eq!(status, StatusCode::CREATED);
+
+    drop_tasks_table(&srv);
+
+    for request in [
+        srv.get("/api/me/tasks").bearer_auth(&token),
+        srv.post("/api/me/tasks")
+            .bearer_auth(&token)
+            .json(&json!({"title": "after"})),
+    ] {
+        let response = request.send().unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+        let body = response.text().unwrap();
+        assert_eq!(body, r#"{"detail":"Internal Server Error"}"#);
+    }
+
+    // The server still answers what does not need the table, and the cause was logged.
+    let (status, _, me) = send(srv.get("/api/users/me").bearer_auth(&token));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(me["email"], "broken@example.com");
+    let log = srv.log();
+    assert!(log.contains("internal error: database error"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+on_both_backends!(database_error_is_a_bare_500);
