@@ -44,7 +44,7 @@ fn sslmode_require_connects_over_tls() {
     let (status, _, _) = send(srv.get("/api/users/me").bearer_auth(&token));
     assert_eq!(status, StatusCode::OK);
 
-    let rows = admin(admin_url)
+    let rows = admin(&admin_url)
         .query(
             "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
              WHERE a.datname = $1 AND a.pid <> pg_backend_pid()",
