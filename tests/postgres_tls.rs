@@ -9,23 +9,29 @@ fn admin(url: &str) -> postgres::Client {
     postgres::Client::connect(url, postgres::NoTls).expect("connect to TEST_DATABASE_URL")
 }
 
-#[test]
-fn sslmode_require_connects_over_tls() {
-    let Some(backend) = Backend::postgres() else {
-        return;
-    };
+/// The PostgreSQL backend and its admin URL, when the server under test has TLS turned on.
+fn tls_capable_postgres() -> Option<(Backend, String)> {
+    let backend = Backend::postgres()?;
     let Backend::Postgres(admin_url) = &backend else {
         unreachable!()
     };
-    let ssl: String = admin(admin_url).query_one("SHOW ssl", &[]).unwrap().get(0);
+    let admin_url = admin_url.clone();
+    let ssl: String = admin(&admin_url).query_one("SHOW ssl", &[]).unwrap().get(0);
     if ssl != "on" {
         let _ = writeln!(
             std::io::stderr(),
             "*** postgres_tls SKIPPED: the PostgreSQL server has ssl = {ssl} ***"
         );
-        return;
+        return None;
     }
+    Some((backend, admin_url))
+}
 
+#[test]
+fn sslmode_require_connects_over_tls() {
+    let Some((backend, admin_url)) = tls_capable_postgres() else {
+        return;
+    };
     let db = backend.fresh_database();
     // The server's certificate names localhost (Debian's snakeoil certificate, trusted through
     // the system store), so connect by that name.
@@ -63,16 +69,9 @@ fn sslmode_require_connects_over_tls() {
 
 #[test]
 fn sslmode_require_refuses_an_untrusted_certificate() {
-    let Some(backend) = Backend::postgres() else {
+    let Some((backend, _)) = tls_capable_postgres() else {
         return;
     };
-    let Backend::Postgres(admin_url) = &backend else {
-        unreachable!()
-    };
-    let ssl: String = admin(admin_url).query_one("SHOW ssl", &[]).unwrap().get(0);
-    if ssl != "on" {
-        return;
-    }
     let db = backend.fresh_database();
     // 127.0.0.1 is not the name on the certificate: the handshake must fail, not be waved through.
     let tls_url = format!("{}?sslmode=require", db.url);
