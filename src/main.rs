@@ -330,8 +330,20 @@ fn now() -> NaiveDateTime {
 }
 
 /// Times go out as RFC 3339 in UTC with a `Z`, e.g. `2026-11-28T18:45:34.123456Z`.
+/// Written field by field: a `format("%Y…")` string is parsed anew on every call, and a task
+/// list formats two timestamps per task.
 fn rfc3339<S: Serializer>(time: &NaiveDateTime, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&time.format("%Y-%m-%dT%H:%M:%S%.6fZ"))
+    use chrono::{Datelike, Timelike};
+    serializer.collect_str(&format_args!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        time.year(),
+        time.month(),
+        time.day(),
+        time.hour(),
+        time.minute(),
+        time.second(),
+        time.nanosecond() / 1_000,
+    ))
 }
 
 /// A user as clients see it. It has no password hash field, so no response can leak one.
