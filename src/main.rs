@@ -1231,12 +1231,15 @@ macro_rules! db {
 }
 
 impl Database {
+    /// Opens the pools and brings the schema up to date; runs before the server listens.
     async fn connect(config: &Config) -> Result<Database, String> {
+        let migrations;
         let database = match &config.database {
             DatabaseUrl::Sqlite(path) if path == ":memory:" => {
                 // Every `:memory:` connection is its own empty database: one connection, kept
                 // for the life of the process, serves readers and writers.
                 let pool = sqlite_pool(path, 1, config.pool_timeout).await?;
+                migrations = migrate_sqlite(&pool).await?;
                 Database::Sqlite {
                     read: pool.clone(),
                     write: pool,
@@ -1245,12 +1248,14 @@ impl Database {
             DatabaseUrl::Sqlite(path) => {
                 // The writer is created first so that it turns WAL on before readers open.
                 let write = sqlite_pool(path, 1, config.pool_timeout).await?;
+                migrations = migrate_sqlite(&write).await?;
                 let readers = config.pool_size.unwrap_or(4);
                 let read = sqlite_pool(path, readers, config.pool_timeout).await?;
                 spawn_checkpointer(path)?;
                 Database::Sqlite { read, write }
             }
             DatabaseUrl::Postgres(url) => {
+                migrations = migrate_postgres(url).await?;
                 let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
                 manager_config.custom_setup =
                     Box::new(|url| connect_postgres_on_main(url.to_string()));
@@ -1268,50 +1273,8 @@ impl Database {
                 Database::Postgres(pool)
             }
         };
-        database.migrate(config).await?;
+        log::info!("database schema up to date ({migrations} migrations applied now)");
         Ok(database)
-    }
-
-    /// Brings the schema up to date. Runs before the server listens.
-    async fn migrate(&self, config: &Config) -> Result<(), String> {
-        match self {
-            Database::Sqlite { write, .. } => {
-                // On the pool's own connection: for `:memory:` it is the only database there is.
-                let mut conn = write
-                    .get()
-                    .await
-                    .map_err(|e| format!("cannot open the database: {e}"))?;
-                conn.spawn_blocking(|conn| {
-                    Ok(conn
-                        .run_pending_migrations(SQLITE_MIGRATIONS)
-                        .map(|v| v.len())
-                        .map_err(|e| e.to_string()))
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map(|n| log::info!("database schema up to date ({n} migrations applied now)"))
-            }
-            Database::Postgres(_) => {
-                let DatabaseUrl::Postgres(url) = &config.database else {
-                    unreachable!()
-                };
-                let conn = connect_postgres(url.clone())
-                    .await
-                    .map_err(|e| format!("cannot connect: {e}"))?;
-                // diesel's migration harness is synchronous: run it on a blocking thread through
-                // diesel-async's wrapper (its async harness would call `block_in_place`).
-                tokio::task::spawn_blocking(move || {
-                    use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-                    let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
-                    conn.run_pending_migrations(POSTGRES_MIGRATIONS)
-                        .map(|v| v.len())
-                        .map_err(|e| e.to_string())
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map(|n| log::info!("database schema up to date ({n} migrations applied now)"))
-            }
-        }
     }
 
     /// `SELECT 1` through the pool: the real answer to "is the database up?".
@@ -1335,6 +1298,41 @@ async fn connect_postgres(url: String) -> diesel::ConnectionResult<AsyncPgConnec
     }
     let (client, connection) = config.connect(postgres_tls()).await.map_err(bad)?;
     AsyncPgConnection::try_from_client_and_connection(client, connection).await
+}
+
+/// Brings a SQLite schema up to date, on the pool's own connection: for `:memory:` it is the
+/// only database there is.
+async fn migrate_sqlite(pool: &SqlitePool) -> Result<usize, String> {
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?;
+    conn.spawn_blocking(|conn| {
+        Ok(conn
+            .run_pending_migrations(SQLITE_MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| e.to_string()))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Brings a PostgreSQL schema up to date. diesel's migration harness is synchronous, so it runs
+/// on a blocking thread through diesel-async's wrapper (the async harness would call
+/// `block_in_place`, which panics on actix's runtime).
+async fn migrate_postgres(url: &str) -> Result<usize, String> {
+    let conn = connect_postgres(url.to_string())
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    tokio::task::spawn_blocking(move || {
+        use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+        let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+        conn.run_pending_migrations(POSTGRES_MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Opens a pooled PostgreSQL connection from the main arbiter.
