@@ -451,7 +451,9 @@ struct TokenForm {
     password: String,
     #[schema(pattern = "^password$")]
     grant_type: Option<String>,
+    /// Accepted from OAuth2 clients; this API has no scopes to grant.
     #[serde(default)]
+    #[allow(dead_code)]
     scope: String,
 }
 
@@ -2108,7 +2110,6 @@ async fn oauth2_token(
     req: HttpRequest,
     Form(form): Form<TokenForm>,
 ) -> Result<HttpResponse, ApiError> {
-    let _ = form.scope; // scopes are accepted for OAuth2 clients, and grant none
     state
         .login(&form.username, form.password, state.client_ip(&req))
         .await
