@@ -32,6 +32,7 @@ on_both_backends!(
     unset_jwt_secret_starts_with_warning_and_random_key,
     better_auth_secret_is_an_alias_for_jwt_secret,
     sigterm_lets_in_flight_request_finish,
+    sigint_lets_in_flight_request_finish,
     dropped_and_malformed_requests_do_not_break_server,
 );
 
@@ -471,6 +472,15 @@ fn better_auth_secret_is_an_alias_for_jwt_secret(backend: &Backend) {
 // Graceful shutdown
 
 fn sigterm_lets_in_flight_request_finish(backend: &Backend) {
+    in_flight_request_finishes_after(backend, "TERM");
+}
+
+/// Ctrl-C in a terminal: as graceful as SIGTERM.
+fn sigint_lets_in_flight_request_finish(backend: &Backend) {
+    in_flight_request_finishes_after(backend, "INT");
+}
+
+fn in_flight_request_finishes_after(backend: &Backend, signal: &str) {
     let mut srv = server(backend).env("BCRYPT_COST", "12").start();
     let port = srv.port;
     // Everything before the in-flight request goes over one keep-alive connection, so one
@@ -541,7 +551,7 @@ fn sigterm_lets_in_flight_request_finish(backend: &Backend) {
     });
     thread::sleep((one_hash / 5).clamp(Duration::from_millis(50), Duration::from_secs(2)));
     let sigterm_at = Instant::now();
-    srv.sigterm();
+    srv.signal(signal);
 
     let (status, body, finished) = request
         .join()
@@ -550,7 +560,7 @@ fn sigterm_lets_in_flight_request_finish(backend: &Backend) {
     assert_eq!(
         status,
         StatusCode::CREATED,
-        "in-flight register after SIGTERM: {body}; log:\n{}",
+        "in-flight register after SIG{signal}: {body}; log:\n{}",
         srv.log()
     );
     assert_eq!(body["email"], "inflight@example.com");
