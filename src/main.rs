@@ -2265,6 +2265,21 @@ fn owner<'u>(user: &'u User, path_user_id: &str) -> Result<&'u str, ApiError> {
 
 const TASK_NOT_FOUND: ApiError = ApiError::NotFound("Task not found");
 
+/// `/api/{user_id}/tasks/{id}` checked against the caller: the owner's id and the task id.
+fn task_path(user: &User, path: web::Path<(String, i64)>) -> Result<(&str, i64), ApiError> {
+    let (path_user_id, id) = path.into_inner();
+    Ok((owner(user, &path_user_id)?, id))
+}
+
+/// Task `id` if it belongs to `owner`: another user's task is as absent as a missing one.
+fn owned_task(owner: &str, id: i64) -> OwnedTask<'_> {
+    tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner)))
+}
+
+type OwnedTask<'a> = diesel::dsl::Filter<tasks::table, TaskOfOwner<'a>>;
+type TaskOfOwner<'a> =
+    diesel::dsl::And<diesel::dsl::Eq<tasks::id, i64>, diesel::dsl::Eq<tasks::user_id, &'a str>>;
+
 /// `%`, `_` and `\` in a search are literal characters, not wildcards.
 fn like_pattern(search: &str) -> String {
     let mut pattern = String::with_capacity(search.len() + 2);
@@ -2434,11 +2449,9 @@ async fn read_task(
     CurrentUser(user): CurrentUser,
     path: web::Path<(String, i64)>,
 ) -> Result<web::Json<Task>, ApiError> {
-    let (path_user, id) = path.into_inner();
-    let owner = owner(&user, &path_user)?;
+    let (owner, id) = task_path(&user, path)?;
     let task = db!(state.db, read, |conn| async {
-        tasks::table
-            .filter(tasks::id.eq(id).and(tasks::user_id.eq(owner)))
+        owned_task(owner, id)
             .select(Task::as_select())
             .first(conn)
             .await
@@ -2455,7 +2468,7 @@ async fn update_task(
     changes: TaskChanges,
 ) -> Result<web::Json<Task>, ApiError> {
     let task = db!(state.db, write, |conn| async {
-        diesel::update(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
+        diesel::update(owned_task(owner, id))
             .set(&changes)
             .returning(Task::as_returning())
             .get_result(conn)
@@ -2486,8 +2499,7 @@ async fn replace_task(
     path: web::Path<(String, i64)>,
     Json(body): Json<TaskInput>,
 ) -> Result<web::Json<Task>, ApiError> {
-    let (path_user, id) = path.into_inner();
-    let owner = owner(&user, &path_user)?;
+    let (owner, id) = task_path(&user, path)?;
     let changes = TaskChanges {
         title: Some(body.title),
         description: Some(body.description),
@@ -2518,8 +2530,7 @@ async fn patch_task(
     path: web::Path<(String, i64)>,
     Json(body): Json<TaskPatch>,
 ) -> Result<web::Json<Task>, ApiError> {
-    let (path_user, id) = path.into_inner();
-    let owner = owner(&user, &path_user)?;
+    let (owner, id) = task_path(&user, path)?;
     let changes = TaskChanges {
         title: body.title.flatten(),
         description: body.description,
@@ -2548,11 +2559,10 @@ async fn delete_task(
     CurrentUser(user): CurrentUser,
     path: web::Path<(String, i64)>,
 ) -> Result<HttpResponse, ApiError> {
-    let (path_user, id) = path.into_inner();
-    let owner = owner(&user, &path_user)?;
-    let deleted = db!(state.db, write, |conn| diesel::delete(
-        tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner)))
-    )
+    let (owner, id) = task_path(&user, path)?;
+    let deleted = db!(state.db, write, |conn| diesel::delete(owned_task(
+        owner, id
+    ))
     .execute(conn))?;
     if deleted == 0 {
         return Err(TASK_NOT_FOUND);
@@ -2579,10 +2589,9 @@ async fn toggle_task(
     CurrentUser(user): CurrentUser,
     path: web::Path<(String, i64)>,
 ) -> Result<web::Json<Task>, ApiError> {
-    let (path_user, id) = path.into_inner();
-    let owner = owner(&user, &path_user)?;
+    let (owner, id) = task_path(&user, path)?;
     let task = db!(state.db, write, |conn| async {
-        diesel::update(tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner))))
+        diesel::update(owned_task(owner, id))
             .set((
                 tasks::completed.eq(diesel::dsl::not(tasks::completed)),
                 tasks::updated_at.eq(now()),
