@@ -16,11 +16,11 @@
 //! Errors are one type, [`ApiError`], that renders FastAPI's `{"detail": …}` JSON; handlers
 //! just use `?`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
@@ -38,6 +38,7 @@ use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfi
 use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use futures_util::future::Either;
 use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
@@ -71,8 +72,14 @@ struct Config {
     cors_origins: Vec<String>,
     bcrypt_cost: u32,
     pool_size: Option<u32>,
-    pool_timeout: Duration,
+    /// How long a request waits for the database — a connection, then its statement — before
+    /// it answers 503. Bounded so that a database that is down or frozen fails fast.
+    database_timeout: Duration,
     trusted_proxies: Vec<IpAddr>,
+    /// How long a client may take to send a whole request body.
+    body_timeout: Duration,
+    /// Open connections at most, across all workers; more wait in the listen queue.
+    max_connections: usize,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -210,12 +217,19 @@ impl Config {
             })
             .collect::<Result<_, _>>()?;
 
-        let pool_timeout_secs: f64 = parse_env(
-            "DATABASE_POOL_TIMEOUT",
-            |s| *s > 0.0 && *s <= 3600.0,
-            "seconds between 0 and 3600",
-        )?
-        .unwrap_or(5.0);
+        let seconds = |name| {
+            parse_env(
+                name,
+                |s: &f64| *s > 0.0 && *s <= 3600.0,
+                "seconds between 0 and 3600",
+            )
+            .map(|s| s.map(Duration::from_secs_f64))
+        };
+        // DATABASE_POOL_TIMEOUT is the variable's older name, still honoured.
+        let database_timeout = match seconds("DATABASE_TIMEOUT")? {
+            Some(timeout) => timeout,
+            None => seconds("DATABASE_POOL_TIMEOUT")?.unwrap_or(Duration::from_secs(3)),
+        };
         let token_minutes: u64 = parse_env(
             "ACCESS_TOKEN_EXPIRE_MINUTES",
             |m| (1..=525_600).contains(m),
@@ -241,8 +255,15 @@ impl Config {
                 |n| (1..=1000).contains(n),
                 "1 to 1000",
             )?,
-            pool_timeout: Duration::from_secs_f64(pool_timeout_secs),
+            database_timeout,
             trusted_proxies,
+            body_timeout: seconds("REQUEST_BODY_TIMEOUT")?.unwrap_or(Duration::from_secs(5)),
+            max_connections: parse_env(
+                "MAX_CONNECTIONS",
+                |n| (1..=1_000_000).contains(n),
+                "1 to 1000000",
+            )?
+            .unwrap_or(5_000),
         })
     }
 }
@@ -297,6 +318,10 @@ diesel::table! {
         password_hash -> Nullable<Text>,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+        /// NULL for a local account; for an account created from an external token, its issuer.
+        issuer -> Nullable<Text>,
+        /// Tokens issued (`iat`, Unix seconds) before this are refused; a password change moves it.
+        tokens_not_before -> BigInt,
     }
 }
 
@@ -309,6 +334,15 @@ diesel::table! {
         completed -> Bool,
         created_at -> Timestamp,
         updated_at -> Timestamp,
+    }
+}
+
+// Failed-login limits; see `LoginThrottle`.
+diesel::table! {
+    login_throttle (bucket) {
+        bucket -> Text,
+        window_started_ms -> BigInt,
+        attempts -> Integer,
     }
 }
 
@@ -361,6 +395,11 @@ struct User {
     #[serde(serialize_with = "rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     updated_at: NaiveDateTime,
+    /// Server-side only: who vouches for the account (see the `users` table).
+    #[serde(skip)]
+    issuer: Option<String>,
+    #[serde(skip)]
+    tokens_not_before: i64,
 }
 
 #[derive(Insertable)]
@@ -370,6 +409,7 @@ struct NewUser<'a> {
     email: &'a str,
     name: Option<&'a str>,
     password_hash: Option<&'a str>,
+    issuer: Option<&'a str>,
     created_at: NaiveDateTime,
     updated_at: NaiveDateTime,
 }
@@ -874,6 +914,10 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         // Set here too: an error raised by a middleware (a caught panic) skips DefaultHeaders.
         response.insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"));
+        if self.status_code() == StatusCode::REQUEST_TIMEOUT {
+            // The rest of a body that came too slowly is not waited for: hang up.
+            response.force_close();
+        }
         let detail = match self {
             ApiError::Invalid(errors) => {
                 return response.json(ValidationErrorBody {
@@ -909,10 +953,17 @@ impl From<diesel::result::Error> for ApiError {
     fn from(error: diesel::result::Error) -> Self {
         use diesel::result::{DatabaseErrorKind, Error};
         match &error {
-            // The only unique column a client can collide on is users.email.
-            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, _) => {
+            // Constraints are told apart by name, not by kind: only the email's uniqueness is
+            // the client's "taken" (PostgreSQL names the constraint; SQLite names the column).
+            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info)
+                if info.constraint_name() == Some("users_email_key")
+                    || info.message().ends_with("users.email") =>
+            {
                 ApiError::Conflict("Email already registered")
             }
+            // The one foreign key is tasks.user_id: the account was deleted while a request of
+            // its own was on the way, so its token no longer names anyone.
+            Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => INVALID_TOKEN,
             Error::DatabaseError(
                 DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
                 _,
@@ -1134,24 +1185,42 @@ fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
+    // actix bounds the time to send the request head, not the body: without a deadline a client
+    // that trickles a byte a second holds its connection (and its memory) for as long as it likes.
+    let deadline = req
+        .app_data::<web::Data<AppState>>()
+        .map_or(Duration::from_secs(5), |state| state.body_timeout);
     async move {
         if declared.is_some_and(|len| len > limit) {
             return Err(too_large());
         }
-        let mut body = web::BytesMut::new();
-        while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|e| {
-                ApiError::Status(
-                    StatusCode::BAD_REQUEST,
-                    format!("Could not read the request body: {e}"),
-                )
-            })?;
-            if body.len() + chunk.len() > limit {
-                return Err(too_large());
+        let read_all = async {
+            let mut body = web::BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk.map_err(|e| {
+                    ApiError::Status(
+                        StatusCode::BAD_REQUEST,
+                        format!("Could not read the request body: {e}"),
+                    )
+                })?;
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
             }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.freeze())
+            Ok(body.freeze())
+        };
+        actix_web::rt::time::timeout(deadline, read_all)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ApiError::Status(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!(
+                        "The request body did not arrive within {} seconds",
+                        deadline.as_secs_f64()
+                    ),
+                ))
+            })
     }
     .boxed_local()
 }
@@ -1202,7 +1271,68 @@ type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 #[derive(Clone)]
 enum Database {
     Sqlite { read: SqlitePool, write: SqlitePool },
-    Postgres(PgPool),
+    Postgres(Arc<PgDatabase>),
+}
+
+/// A PostgreSQL pool that fails fast: a server that refuses connections gets its 503 at once,
+/// and one that stops answering (frozen, or a network that drops packets) within `timeout`.
+struct PgDatabase {
+    pool: PgPool,
+    /// Bounds each use of the database: waiting for a connection, then the statement.
+    timeout: Duration,
+    connect_failures: ConnectFailures,
+}
+
+/// Where bb8 reports failed connection attempts. bb8 leaves a request waiting for a pooled
+/// connection until its timeout even when the attempt made for it has already failed; this
+/// wakes such requests so they can answer 503 straight away.
+#[derive(Clone, Debug, Default)]
+struct ConnectFailures {
+    happened: Arc<tokio::sync::Notify>,
+    last_error: Arc<std::sync::Mutex<String>>,
+}
+
+impl bb8::ErrorSink<PoolError> for ConnectFailures {
+    fn sink(&self, error: PoolError) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = error.to_string();
+        self.happened.notify_waiters();
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<PoolError>> {
+        Box::new(self.clone())
+    }
+}
+
+type PgConnection<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
+
+impl PgDatabase {
+    /// A live pooled connection, or 503 as soon as an attempt to open one fails.
+    async fn connection(&self) -> Result<PgConnection<'_>, ApiError> {
+        use diesel_async::pooled_connection::PoolableConnection;
+        // Connections the server closed (a restart, say) are still idle in the pool: skip them
+        // rather than fail a request on each. Dropping one tells bb8 it is broken.
+        for _ in 0..=self.pool.state().connections {
+            let failed = std::pin::pin!(self.connect_failures.happened.notified());
+            let checkout = std::pin::pin!(self.pool.get());
+            let mut conn = match futures_util::future::select(checkout, failed).await {
+                Either::Left((conn, _)) => conn?,
+                Either::Right(_) => {
+                    let failures = &self.connect_failures;
+                    let cause = failures
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    return Err(ApiError::Unavailable(format!("cannot connect: {cause}")));
+                }
+            };
+            if !conn.is_broken() {
+                return Ok(conn);
+            }
+        }
+        Err(ApiError::Unavailable(
+            "every pooled connection was closed".into(),
+        ))
+    }
 }
 
 /// Runs `$query` (a future yielding `QueryResult<T>`) with `$conn` bound to a pooled connection,
@@ -1210,7 +1340,8 @@ enum Database {
 ///
 /// The body is expanded once per backend, the way vaultwarden's `db_run!` does it: each query is
 /// written once and compiled, type-checked, against both SQLite and PostgreSQL. `read` or
-/// `write` picks the SQLite pool.
+/// `write` picks the SQLite pool. (SQLite statements run inline and cannot hang on a network;
+/// PostgreSQL ones are bounded by the pool's timeout.)
 macro_rules! db {
     ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
         match &$database {
@@ -1221,13 +1352,20 @@ macro_rules! db {
                 }
                 Err(e) => Err(ApiError::from(e)),
             },
-            Database::Postgres(pool) => match pool.get().await {
-                Ok(mut pooled) => {
+            Database::Postgres(pg) => {
+                let answer = async {
+                    let mut pooled = pg.connection().await?;
                     let $conn = &mut *pooled;
                     $query.await.map_err(ApiError::from)
-                }
-                Err(e) => Err(ApiError::from(e)),
-            },
+                };
+                actix_web::rt::time::timeout(pg.timeout, answer)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ApiError::Unavailable(
+                            "the database did not answer in time".into(),
+                        ))
+                    })
+            }
         }
     };
 }
@@ -1240,7 +1378,7 @@ impl Database {
             DatabaseUrl::Sqlite(path) if path == ":memory:" => {
                 // Every `:memory:` connection is its own empty database: one connection, kept
                 // for the life of the process, serves readers and writers.
-                let pool = sqlite_pool(path, 1, config.pool_timeout).await?;
+                let pool = sqlite_pool(path, 1, config.database_timeout).await?;
                 migrations = migrate_sqlite(&pool).await?;
                 Database::Sqlite {
                     read: pool.clone(),
@@ -1249,30 +1387,40 @@ impl Database {
             }
             DatabaseUrl::Sqlite(path) => {
                 // The writer is created first so that it turns WAL on before readers open.
-                let write = sqlite_pool(path, 1, config.pool_timeout).await?;
+                let write = sqlite_pool(path, 1, config.database_timeout).await?;
                 migrations = migrate_sqlite(&write).await?;
                 let readers = config.pool_size.unwrap_or(4);
-                let read = sqlite_pool(path, readers, config.pool_timeout).await?;
+                let read = sqlite_pool(path, readers, config.database_timeout).await?;
                 spawn_checkpointer(path)?;
                 Database::Sqlite { read, write }
             }
             DatabaseUrl::Postgres(url) => {
                 migrations = migrate_postgres(url).await?;
                 let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+                let timeout = config.database_timeout;
                 manager_config.custom_setup =
-                    Box::new(|url| connect_postgres_on_main(url.to_string()));
+                    Box::new(move |url| connect_postgres_on_main(url.to_string(), timeout));
                 let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
                 let size = config.pool_size.unwrap_or(10);
+                let connect_failures = ConnectFailures::default();
                 let pool = bb8::Pool::builder()
                     .max_size(size)
                     // A couple of connections kept open, so a burst does not start from nothing.
                     .min_idle(Some(size.min(2)))
-                    .connection_timeout(config.pool_timeout)
+                    .connection_timeout(config.database_timeout)
+                    // A failed attempt is reported (and the request answered) at once; the
+                    // next request tries again.
+                    .retry_connection(false)
+                    .error_sink(Box::new(connect_failures.clone()))
                     // A dead connection is dropped on return (diesel-async checks the socket),
                     // so there is no need to pay a round trip to test each one on checkout.
                     .test_on_check_out(false)
                     .build_unchecked(manager);
-                Database::Postgres(pool)
+                Database::Postgres(Arc::new(PgDatabase {
+                    pool,
+                    timeout: config.database_timeout,
+                    connect_failures,
+                }))
             }
         };
         log::info!("database schema up to date ({migrations} migrations applied now)");
@@ -1343,14 +1491,23 @@ async fn migrate_postgres(url: &str) -> Result<usize, String> {
 /// connections from whichever actix worker needs one, and at shutdown an idle worker stops while
 /// another still finishes its requests: connections opened there would die under them. The main
 /// arbiter runs until every worker is done.
+///
+/// A server that accepts the TCP connection but never answers (frozen) would hold the attempt
+/// forever: it is given up after `timeout`.
 fn connect_postgres_on_main(
     url: String,
+    timeout: Duration,
 ) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
     let (sender, receiver) = tokio::sync::oneshot::channel();
     actix_web::rt::System::current()
         .arbiter()
         .spawn(async move {
-            let _ = sender.send(connect_postgres(url).await);
+            let attempt = actix_web::rt::time::timeout(timeout, connect_postgres(url));
+            let _ = sender.send(attempt.await.unwrap_or_else(|_| {
+                Err(diesel::ConnectionError::BadConnection(
+                    "the server did not answer in time".into(),
+                ))
+            }));
         });
     async move {
         receiver.await.unwrap_or_else(|_| {
@@ -1483,15 +1640,21 @@ fn bearer_token(req: &HttpRequest) -> Option<String> {
 const INVALID_TOKEN: ApiError = ApiError::Unauthorized("Could not validate credentials");
 
 /// Who a verified token speaks for.
-enum Identity {
-    /// A token this server issued (or one signed with the shared `JWT_SECRET`): the user must exist.
-    Local { user_id: String },
-    /// A token from the configured JWK Set: the user is created on first sight.
-    External {
-        user_id: String,
-        email: Option<String>,
-        name: Option<String>,
-    },
+struct Identity {
+    user_id: String,
+    /// `iat`, when the token has one: a token older than the user's last password change is void.
+    issued_at: Option<f64>,
+    /// `None` for a token signed with `JWT_SECRET`; the issuer's claims for one from the JWK Set.
+    external: Option<ExternalProfile>,
+}
+
+/// What an external token says about its user, who is created from it on first sight.
+struct ExternalProfile {
+    /// `JWT_ISSUER`, else the JWK Set URL: whose keys vouch for the token. An external token
+    /// only reaches the accounts its own issuer created.
+    issuer: String,
+    email: Option<String>,
+    name: Option<String>,
 }
 
 /// What this server puts in the tokens it issues.
@@ -1502,16 +1665,18 @@ struct Claims {
     exp: u64,
 }
 
-/// What a local token must carry beyond `exp` (which jsonwebtoken checks): `iat` is optional,
-/// as it is for PyJWT.
+/// What a local token must carry beyond `exp` and `nbf` (which jsonwebtoken checks): `iat` is
+/// optional, as it is for PyJWT, but a number when present.
 #[derive(Deserialize)]
 struct LocalClaims {
     sub: String,
+    iat: Option<f64>,
 }
 
 #[derive(Deserialize)]
 struct ExternalClaims {
     sub: String,
+    iat: Option<f64>,
     email: Option<String>,
     name: Option<String>,
 }
@@ -1533,6 +1698,8 @@ impl TokenAuthority {
     fn new(config: &Config) -> Result<TokenAuthority, String> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECONDS;
+        // jsonwebtoken accepts a future `nbf` unless told otherwise; PyJWT refuses it.
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         // Local tokens carry no aud/iss; a token that has them is still checked by signature.
         validation.validate_aud = false;
@@ -1550,8 +1717,11 @@ impl TokenAuthority {
         })
     }
 
-    fn issue(&self, user_id: &str) -> Result<TokenResponse, ApiError> {
-        let iat = Utc::now().timestamp() as u64;
+    /// A token for `user_id`. Its `iat` is never before the user's `tokens_not_before`, which
+    /// a password change sets to the next second: the token a client fetches right after
+    /// changing its password must outlive the change.
+    fn issue(&self, user_id: &str, tokens_not_before: i64) -> Result<TokenResponse, ApiError> {
+        let iat = Utc::now().timestamp().max(tokens_not_before) as u64;
         let claims = Claims {
             sub: user_id.to_string(),
             iat,
@@ -1574,32 +1744,55 @@ impl TokenAuthority {
         // The header is only a hint for which key to try; each key decides which algorithms
         // it accepts, so `alg: none` or an HMAC token "signed" with a public key goes nowhere.
         let header = jsonwebtoken::decode_header(token).map_err(|_| INVALID_TOKEN)?;
+        // Headers that point at or carry a key ask the verifier to trust the token's own say;
+        // this server never does, and refuses such tokens rather than silently ignoring them.
+        if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() {
+            return Err(INVALID_TOKEN);
+        }
         if header.alg == Algorithm::HS256 {
-            let data =
+            let claims =
                 jsonwebtoken::decode::<LocalClaims>(token, &self.decoding_key, &self.validation)
-                    .map_err(|_| INVALID_TOKEN)?;
-            return non_empty(data.claims.sub).map(|user_id| Identity::Local { user_id });
+                    .map_err(|_| INVALID_TOKEN)?
+                    .claims;
+            return Ok(Identity {
+                user_id: valid_subject(claims.sub)?,
+                issued_at: claims.iat,
+                external: None,
+            });
         }
         let jwks = self.jwks.as_ref().ok_or(INVALID_TOKEN)?;
         let kid = header.kid.ok_or(INVALID_TOKEN)?;
         let key = jwks.key(&kid).await.ok_or(INVALID_TOKEN)?;
-        let data =
+        let claims =
             jsonwebtoken::decode::<ExternalClaims>(token, &key.decoding_key, &key.validation)
-                .map_err(|_| INVALID_TOKEN)?;
-        let claims = data.claims;
-        Ok(Identity::External {
-            user_id: non_empty(claims.sub)?,
-            email: claims.email,
-            name: claims.name,
+                .map_err(|_| INVALID_TOKEN)?
+                .claims;
+        Ok(Identity {
+            user_id: valid_subject(claims.sub)?,
+            issued_at: claims.iat,
+            external: Some(ExternalProfile {
+                issuer: jwks.issuer.clone(),
+                email: claims.email,
+                name: claims.name,
+            }),
         })
     }
 }
 
-fn non_empty(sub: String) -> Result<String, ApiError> {
-    if sub.trim().is_empty() {
-        Err(INVALID_TOKEN)
-    } else {
+/// Longest `sub` accepted: ids are stored, put in URLs and in `Location` headers.
+const SUBJECT_MAX_CHARS: usize = 255;
+
+/// A token's `sub` becomes a user id, a path segment and part of a `Location` header, so it
+/// must be printable text (no NUL, no newline) of sensible length; checked before anything
+/// is written.
+fn valid_subject(sub: String) -> Result<String, ApiError> {
+    let printable = !sub.trim().is_empty()
+        && sub.chars().count() <= SUBJECT_MAX_CHARS
+        && !sub.chars().any(char::is_control);
+    if printable {
         Ok(sub)
+    } else {
+        Err(INVALID_TOKEN)
     }
 }
 
@@ -1614,6 +1807,10 @@ struct JwkKey {
 /// such tokens arrive; the URL is the configured one, never one taken from a token.
 struct JwkSetCache {
     url: String,
+    /// The name accounts created from these tokens are kept under: `JWT_ISSUER` when set (and
+    /// then checked in every token), else the URL of the keys. Not the token's unchecked `iss`:
+    /// whoever holds the keys could write any.
+    issuer: String,
     client: reqwest::Client,
     keys: RwLock<HashMap<String, Arc<JwkKey>>>,
     /// When the last on-demand fetch happened; the lock also makes concurrent misses wait for
@@ -1629,6 +1826,7 @@ impl JwkSetCache {
     fn new(url: &str, config: &Config) -> JwkSetCache {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
         // A configured issuer or audience must be present, not merely right when present.
         let mut required = vec!["exp", "sub"];
         required.extend(config.jwt_issuer.as_ref().map(|_| "iss"));
@@ -1645,6 +1843,7 @@ impl JwkSetCache {
         }
         JwkSetCache {
             url: url.to_string(),
+            issuer: config.jwt_issuer.clone().unwrap_or_else(|| url.to_string()),
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(5))
                 .redirect(reqwest::redirect::Policy::none())
@@ -1800,88 +1999,118 @@ impl PasswordHasher {
     }
 }
 
-/// Failed logins in the last minute, per email and per client address. In memory: a restart
-/// forgets them, and nothing is ever locked for good.
-struct LoginThrottle {
-    failures: Mutex<HashMap<ThrottleKey, VecDeque<Instant>>>,
-}
-
-#[derive(Hash, PartialEq, Eq, Clone)]
-enum ThrottleKey {
-    Email(String),
+/// What password guessing is limited by: failed logins per email (from any address) and per
+/// client address (for any emails), and failed password confirmations per user.
+///
+/// The counts live in the database, not in this process, so every instance of the server on
+/// one database shares them and a restart keeps them. An attempt *takes its slot before the
+/// password is checked*: one atomic upsert bumps the bucket's count and returns it, so a burst
+/// of parallel guesses cannot all pass a check before any failure is recorded — of N
+/// simultaneous wrong guesses at most the limit reach bcrypt, the rest get 429. (The upsert
+/// costs microseconds; the bcrypt hash it guards, a quarter of a second.) A success gives its
+/// slot back; a failure keeps it. Each bucket's window starts with its first attempt and lasts
+/// a minute; nothing is locked for good.
+#[derive(Clone, Copy)]
+enum Bucket<'a> {
+    Email(&'a str),
     Client(IpAddr),
+    PasswordOf(&'a str),
 }
 
 const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
-const MAX_FAILURES_PER_EMAIL: usize = 10;
-const MAX_FAILURES_PER_CLIENT: usize = 30;
 
-impl LoginThrottle {
-    fn new() -> LoginThrottle {
-        LoginThrottle {
-            failures: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn keys(email: &str, client: IpAddr) -> [(ThrottleKey, usize); 2] {
-        [
-            (
-                ThrottleKey::Email(email.to_string()),
-                MAX_FAILURES_PER_EMAIL,
-            ),
-            (ThrottleKey::Client(client), MAX_FAILURES_PER_CLIENT),
-        ]
-    }
-
-    /// 429 while either the email or the client has used up its failures for the window.
-    fn check(&self, email: &str, client: IpAddr) -> Result<(), ApiError> {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        for (key, limit) in Self::keys(email, client) {
-            if let Some(times) = failures.get_mut(&key) {
-                while times
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) >= THROTTLE_WINDOW)
-                {
-                    times.pop_front();
-                }
-                if times.len() >= limit {
-                    let oldest = *times.front().expect("len >= limit > 0");
-                    let retry_after = THROTTLE_WINDOW.saturating_sub(now.duration_since(oldest));
-                    return Err(ApiError::TooManyRequests {
-                        retry_after: retry_after + Duration::from_millis(999),
-                    });
-                }
+impl Bucket<'_> {
+    fn key(&self) -> String {
+        match self {
+            // Attackers choose the emails; one longer than any valid email is no account, and
+            // cutting it keeps the rows small.
+            Bucket::Email(email) => {
+                format!(
+                    "email:{}",
+                    email.chars().take(EMAIL_MAX_CHARS).collect::<String>()
+                )
             }
+            Bucket::Client(ip) => format!("client:{ip}"),
+            Bucket::PasswordOf(user_id) => format!("user:{user_id}"),
         }
+    }
+
+    /// Attempts allowed per window.
+    fn limit(&self) -> i32 {
+        match self {
+            Bucket::Email(_) | Bucket::PasswordOf(_) => 10,
+            Bucket::Client(_) => 30,
+        }
+    }
+}
+
+impl Database {
+    /// Takes one attempt from `bucket`, or answers 429 (with how long to wait) when the window
+    /// has none left.
+    async fn take_attempt(&self, bucket: Bucket<'_>) -> Result<(), ApiError> {
+        use diesel::dsl::case_when;
+        use diesel::sql_types::{BigInt, Integer};
+        use login_throttle::{attempts, window_started_ms};
+        let now_ms = Utc::now().timestamp_millis();
+        let window_ms = THROTTLE_WINDOW.as_millis() as i64;
+        let window_over = window_started_ms.le(now_ms - window_ms);
+        let (taken, started_ms): (i32, i64) = db!(self, write, |conn| {
+            diesel::insert_into(login_throttle::table)
+                .values((
+                    login_throttle::bucket.eq(bucket.key()),
+                    window_started_ms.eq(now_ms),
+                    attempts.eq(1),
+                ))
+                .on_conflict(login_throttle::bucket)
+                .do_update()
+                .set((
+                    attempts.eq(case_when::<_, _, Integer>(window_over, 1).otherwise(attempts + 1)),
+                    window_started_ms
+                        .eq(case_when::<_, _, BigInt>(window_over, now_ms)
+                            .otherwise(window_started_ms)),
+                ))
+                .returning((attempts, window_started_ms))
+                .get_result(conn)
+        })?;
+        if taken <= bucket.limit() {
+            return Ok(());
+        }
+        let wait_ms = (started_ms + window_ms - now_ms).max(0) as u64;
+        Err(ApiError::TooManyRequests {
+            retry_after: Duration::from_millis(wait_ms + 999),
+        })
+    }
+
+    /// Gives back an attempt that did not fail (the password was right, or another bucket
+    /// refused it first).
+    async fn give_back_attempt(&self, bucket: Bucket<'_>) -> Result<(), ApiError> {
+        use login_throttle::attempts;
+        db!(self, write, |conn| diesel::update(
+            login_throttle::table.find(bucket.key())
+        )
+        .filter(attempts.gt(0))
+        .set(attempts.eq(attempts - 1))
+        .execute(conn))?;
         Ok(())
     }
 
-    fn record_failure(&self, email: &str, client: IpAddr) {
-        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        // Attackers choose the emails: drop expired entries before the map can grow large.
-        if failures.len() > 10_000 {
-            failures.retain(|_, times| {
-                times
-                    .back()
-                    .is_some_and(|t| now.duration_since(*t) < THROTTLE_WINDOW)
-            });
-        }
-        for (key, limit) in Self::keys(email, client) {
-            let times = failures.entry(key).or_default();
-            times.push_back(now);
-            if times.len() > limit {
-                times.pop_front();
-            }
-        }
+    /// Forgets a bucket's failures: the right password for an email or a user wipes the slate.
+    async fn clear_attempts(&self, bucket: Bucket<'_>) -> Result<(), ApiError> {
+        db!(self, write, |conn| diesel::delete(
+            login_throttle::table.find(bucket.key())
+        )
+        .execute(conn))?;
+        Ok(())
     }
 
-    fn forget_email(&self, email: &str) {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ThrottleKey::Email(email.to_string()));
+    /// Deletes buckets whose window is over, so rows for emails an attacker made up do not pile
+    /// up. Run once a minute; any instance may do it.
+    async fn forget_old_attempts(&self) -> Result<usize, ApiError> {
+        let cutoff = Utc::now().timestamp_millis() - THROTTLE_WINDOW.as_millis() as i64;
+        db!(self, write, |conn| diesel::delete(
+            login_throttle::table.filter(login_throttle::window_started_ms.le(cutoff))
+        )
+        .execute(conn))
     }
 }
 
@@ -1890,22 +2119,101 @@ struct AppState {
     db: Database,
     auth: TokenAuthority,
     passwords: PasswordHasher,
-    login_throttle: LoginThrottle,
     trusted_proxies: Vec<IpAddr>,
+    body_timeout: Duration,
 }
 
 impl AppState {
-    /// The user a verified token names. External users are created on first sight.
+    /// The user a verified token names. External users are created on first sight and only
+    /// ever reached by their own issuer's tokens; a token issued before the user's last
+    /// password change is void.
     async fn user_for(&self, identity: Identity) -> Result<User, ApiError> {
-        let (user_id, external) = match identity {
-            Identity::Local { user_id } => (user_id, None),
-            Identity::External {
-                user_id,
-                email,
-                name,
-            } => (user_id, Some((email, name))),
-        };
         let found = db!(self.db, read, |conn| async {
+            users::table
+                .find(&identity.user_id)
+                .select(User::as_select())
+                .first(conn)
+                .await
+                .optional()
+        })?;
+        let user = match (found, identity.external) {
+            (Some(user), None) => user,
+            (None, None) => return Err(INVALID_TOKEN),
+            (Some(user), Some(profile)) => self.vouched_for(user, &profile.issuer).await?,
+            (None, Some(profile)) => self.create_external_user(identity.user_id, profile).await?,
+        };
+        // A token without `iat` cannot show it is newer than the last password change.
+        let fresh = user.tokens_not_before == 0
+            || identity
+                .issued_at
+                .is_some_and(|iat| iat >= user.tokens_not_before as f64);
+        if fresh {
+            Ok(user)
+        } else {
+            Err(INVALID_TOKEN)
+        }
+    }
+
+    /// `user`, if `issuer` created it; 401 for a local account or another issuer's user, so an
+    /// issuer cannot reach accounts by choosing a `sub` that names them.
+    async fn vouched_for(&self, user: User, issuer: &str) -> Result<User, ApiError> {
+        match user.issuer.as_deref() {
+            Some(own) if own == issuer => Ok(user),
+            // Created before issuers were recorded: the first verified issuer claims it.
+            Some("") => {
+                let claimed = db!(self.db, write, |conn| diesel::update(
+                    users::table.find(&user.id).filter(users::issuer.eq(""))
+                )
+                .set(users::issuer.eq(issuer))
+                .execute(conn))?;
+                if claimed == 1 {
+                    Ok(User {
+                        issuer: Some(issuer.to_string()),
+                        ..user
+                    })
+                } else {
+                    Err(INVALID_TOKEN) // another issuer claimed it a moment ago
+                }
+            }
+            _ => Err(INVALID_TOKEN),
+        }
+    }
+
+    /// Creates the user an external token names, from its claims (`email` required).
+    async fn create_external_user(
+        &self,
+        user_id: String,
+        profile: ExternalProfile,
+    ) -> Result<User, ApiError> {
+        let mut email = profile.email.ok_or(INVALID_TOKEN)?;
+        let mut errors = Vec::new();
+        check_email(&mut email, "email", &mut errors);
+        if !errors.is_empty() || email.contains('\0') {
+            return Err(INVALID_TOKEN);
+        }
+        // A display name the API would refuse from a client is dropped, not stored.
+        let name = profile
+            .name
+            .filter(|n| !n.contains('\0') && n.chars().count() <= NAME_MAX_CHARS);
+        let time = now();
+        let new_user = NewUser {
+            id: &user_id,
+            email: &email,
+            name: name.as_deref(),
+            password_hash: None,
+            issuer: Some(&profile.issuer),
+            created_at: time,
+            updated_at: time,
+        };
+        // Two first requests can race. Whichever unique index trips first, the loser's insert
+        // does nothing and both read the row by id; no row means the email belongs to a
+        // different account.
+        let created = db!(self.db, write, |conn| async {
+            diesel::insert_into(users::table)
+                .values(&new_user)
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
             users::table
                 .find(&user_id)
                 .select(User::as_select())
@@ -1913,45 +2221,13 @@ impl AppState {
                 .await
                 .optional()
         })?;
-        match (found, external) {
-            (Some(user), _) => Ok(user),
-            (None, None) => Err(INVALID_TOKEN),
-            (None, Some((email, name))) => {
-                let mut email = email.ok_or(INVALID_TOKEN)?;
-                let mut errors = Vec::new();
-                check_email(&mut email, "email", &mut errors);
-                if !errors.is_empty() {
-                    return Err(INVALID_TOKEN);
-                }
-                let time = now();
-                let new_user = NewUser {
-                    id: &user_id,
-                    email: &email,
-                    name: name.as_deref(),
-                    password_hash: None,
-                    created_at: time,
-                    updated_at: time,
-                };
-                // Two first requests can race. Whichever unique index trips first, the loser's
-                // insert does nothing and both read the row by id; no row means the email
-                // belongs to a different account.
-                let created = db!(self.db, write, |conn| async {
-                    diesel::insert_into(users::table)
-                        .values(&new_user)
-                        .on_conflict_do_nothing()
-                        .execute(conn)
-                        .await?;
-                    users::table
-                        .find(&user_id)
-                        .select(User::as_select())
-                        .first(conn)
-                        .await
-                        .optional()
-                })?;
-                created.ok_or(ApiError::Conflict(
-                    "Email already registered to another account",
-                ))
-            }
+        match created {
+            // Same id from a racing request of another issuer: not this token's account.
+            Some(user) if user.issuer.as_deref() == Some(profile.issuer.as_str()) => Ok(user),
+            Some(_) => Err(INVALID_TOKEN),
+            None => Err(ApiError::Conflict(
+                "Email already registered to another account",
+            )),
         }
     }
 
@@ -1990,32 +2266,38 @@ impl AppState {
         client: IpAddr,
     ) -> Result<HttpResponse, ApiError> {
         let email = normalize_email(email);
-        self.login_throttle.check(&email, client)?;
-        let account: Option<(String, Option<String>)> = db!(self.db, read, |conn| async {
+        let (by_client, by_email) = (Bucket::Client(client), Bucket::Email(&email));
+        // The client's slot first: a client out of attempts does not get to spend the email's.
+        self.db.take_attempt(by_client).await?;
+        if let Err(refused) = self.db.take_attempt(by_email).await {
+            self.db.give_back_attempt(by_client).await?;
+            return Err(refused);
+        }
+        let account: Option<(String, Option<String>, i64)> = db!(self.db, read, |conn| async {
             users::table
                 .filter(users::email.eq(&email))
-                .select((users::id, users::password_hash))
+                .select((users::id, users::password_hash, users::tokens_not_before))
                 .first(conn)
                 .await
                 .optional()
         })?;
-        let (user_id, hash) = account.map_or((None, None), |(id, hash)| (Some(id), hash));
+        let (account, hash) = match account {
+            Some((id, hash, not_before)) => (Some((id, not_before)), hash),
+            None => (None, None),
+        };
         let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
-        match (
-            user_id,
-            self.passwords.verify(password, hash).await? && plausible,
-        ) {
-            (Some(user_id), true) => {
-                self.login_throttle.forget_email(&email);
+        let verified = self.passwords.verify(password, hash).await? && plausible;
+        match account {
+            Some((user_id, tokens_not_before)) if verified => {
+                self.db.clear_attempts(by_email).await?;
+                self.db.give_back_attempt(by_client).await?;
                 Ok(HttpResponse::Ok()
                     .insert_header((header::CACHE_CONTROL, "no-store"))
                     .insert_header((header::PRAGMA, "no-cache"))
-                    .json(self.auth.issue(&user_id)?))
+                    .json(self.auth.issue(&user_id, tokens_not_before)?))
             }
-            _ => {
-                self.login_throttle.record_failure(&email, client);
-                Err(ApiError::Unauthorized("Incorrect email or password"))
-            }
+            // The failure keeps both slots it took.
+            _ => Err(ApiError::Unauthorized("Incorrect email or password")),
         }
     }
 }
@@ -2082,6 +2364,7 @@ async fn register(
         email: &body.email,
         name: body.name.as_deref(),
         password_hash: Some(&password_hash),
+        issuer: None,
         created_at: time,
         updated_at: time,
     };
@@ -2178,25 +2461,33 @@ async fn update_me(
         email: body.email.flatten(),
         updated_at: now(),
     };
-    let updated = db!(state.db, write, |conn| diesel::update(
-        users::table.find(&user.id)
-    )
-    .set(&changes)
-    .returning(User::as_returning())
-    .get_result(conn))?;
-    Ok(web::Json(updated))
+    let updated = db!(state.db, write, |conn| async {
+        diesel::update(users::table.find(&user.id))
+            .set(&changes)
+            .returning(User::as_returning())
+            .get_result(conn)
+            .await
+            .optional()
+    })?;
+    // The account was deleted by another request while this one ran.
+    updated.map(web::Json).ok_or(INVALID_TOKEN)
 }
 
 /// Change the password.
+///
+/// Every token issued before the change stops working, this request's included: log in again
+/// with the new password. Wrong `current_password` guesses are limited like failed logins
+/// (429 after 10 in a minute).
 #[utoipa::path(
     tag = "users",
     security(("bearer" = []), ("oauth2" = [])),
     request_body = PasswordChange,
     responses(
-        (status = 204, description = "Changed"),
+        (status = 204, description = "Changed; tokens issued before now no longer work"),
         (status = 400, description = "The current password is wrong", body = ErrorDetail),
         (status = 401, description = "Missing or invalid token", body = ErrorDetail),
         (status = 422, description = "The new password is invalid", body = ValidationErrorBody),
+        (status = 429, description = "Too many wrong current passwords", body = ErrorDetail),
     )
 )]
 #[put("/api/users/me/password")]
@@ -2205,10 +2496,18 @@ async fn change_password(
     CurrentUser(user): CurrentUser,
     Json(body): Json<PasswordChange>,
 ) -> Result<HttpResponse, ApiError> {
-    let current_hash: Option<String> = db!(state.db, read, |conn| users::table
-        .find(&user.id)
-        .select(users::password_hash)
-        .first(conn))?;
+    // Guessing the current password with a stolen token is throttled like logins.
+    let guesses = Bucket::PasswordOf(&user.id);
+    state.db.take_attempt(guesses).await?;
+    let current_hash: Option<String> = db!(state.db, read, |conn| async {
+        users::table
+            .find(&user.id)
+            .select(users::password_hash)
+            .first(conn)
+            .await
+            .optional()
+    })?
+    .ok_or(INVALID_TOKEN)?;
     if !state
         .passwords
         .verify(body.current_password, current_hash)
@@ -2216,15 +2515,23 @@ async fn change_password(
     {
         return Err(ApiError::BadRequest("Incorrect password"));
     }
+    state.db.clear_attempts(guesses).await?;
     let new_hash = state.passwords.hash(body.new_password).await?;
-    db!(state.db, write, |conn| diesel::update(
+    // Every token issued up to this second stops working; `issue` dates the next ones from
+    // the second after.
+    let tokens_not_before = Utc::now().timestamp() + 1;
+    let changed = db!(state.db, write, |conn| diesel::update(
         users::table.find(&user.id)
     )
     .set((
         users::password_hash.eq(&new_hash),
+        users::tokens_not_before.eq(tokens_not_before),
         users::updated_at.eq(now())
     ))
     .execute(conn))?;
+    if changed == 0 {
+        return Err(INVALID_TOKEN);
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -2814,6 +3121,10 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
 /// status, size, time.
 const ACCESS_LOG_FORMAT: &str = r#"%a "%{method}xi %U" %s %b %Dms"#;
 
+/// File descriptors kept for everything but client connections: the database, logs, bcrypt's
+/// threads, the JWKS client.
+const RESERVED_FILES: u64 = 128;
+
 fn init_logging() {
     let mut logger =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
@@ -2863,8 +3174,8 @@ async fn serve(config: Config) -> Result<(), String> {
         db: database,
         auth,
         passwords,
-        login_throttle: LoginThrottle::new(),
         trusted_proxies: config.trusted_proxies.clone(),
+        body_timeout: config.body_timeout,
     });
 
     let (_, openapi) = App::new()
@@ -2874,6 +3185,40 @@ async fn serve(config: Config) -> Result<(), String> {
         .split_for_parts();
     let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
     let cors_origins = config.cors_origins.clone();
+
+    // Throttle buckets whose minute is over are deleted in the background.
+    let throttle_db = state.db.clone();
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(THROTTLE_WINDOW).await;
+            if let Err(e) = throttle_db.forget_old_attempts().await {
+                log::warn!("cannot clear old login attempts: {e}");
+            }
+        }
+    });
+
+    // A burst of connections (slow clients, a load spike) leaves freed memory in glibc's
+    // per-thread arenas, which it hands back to the kernel only from the top of each heap.
+    // Trimming now and then returns it, so the process shrinks back once the burst is over.
+    std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(2));
+            // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+            unsafe { libc::malloc_trim(0) };
+        })
+        .map_err(|e| e.to_string())?;
+
+    // Every connection is a file descriptor. The soft limit is often 1,024, which a thousand
+    // idle clients exhaust; raise it to the hard limit, and accept no more connections than
+    // it leaves room for (the rest wait in the listen queue until one closes).
+    let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let max_connections = config
+        .max_connections
+        .min(open_files.saturating_sub(RESERVED_FILES) as usize)
+        .max(workers);
+    log::info!("accepting up to {max_connections} connections ({open_files} open files allowed)");
 
     let server = HttpServer::new(move || {
         App::new()
@@ -2905,6 +3250,8 @@ async fn serve(config: Config) -> Result<(), String> {
                     .custom_request_replace("method", |req| req.method().to_string()),
             )
     })
+    .workers(workers)
+    .max_connections(max_connections / workers)
     // SIGTERM and Ctrl-C both stop accepting, let in-flight requests finish, then exit.
     .shutdown_signal(shutdown_signal())
     .shutdown_timeout(30)
