@@ -1451,9 +1451,15 @@ fn change_password(backend: &Backend) {
         "new password, /token",
     );
 
+    // The change ended the old token; the client logs in again.
+    assert_401(&me(&srv, &token), "the token from before the change");
+    let token = srv.login("pw@example.com", new_password);
     // The 72-byte limit applies to the new password exactly as to registration.
     let p72 = "k".repeat(72);
-    let (status, _, body) = put(json!({"current_password": new_password, "new_password": p72}));
+    let (status, _, body) = send(
+        bearer(srv.put("/api/users/me/password"), &token)
+            .json(&json!({"current_password": new_password, "new_password": p72})),
+    );
     assert_eq!(
         status,
         StatusCode::NO_CONTENT,

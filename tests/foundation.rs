@@ -846,8 +846,37 @@ impl PrivatePostgres {
     }
 }
 
+impl PrivatePostgres {
+    /// Sends `signal` (`STOP`, `CONT`) to every process of this instance: the postmaster and
+    /// the backends serving connections.
+    fn signal_all(&self, signal: &str) {
+        let Ok(pid_file) = std::fs::read_to_string(self.data_dir().join("postmaster.pid")) else {
+            return;
+        };
+        let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        let mut pids = vec![postmaster.to_string()];
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+            let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+            let ppid = after_comm.split_whitespace().nth(1).unwrap_or("");
+            if ppid == postmaster.to_string() {
+                pids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        // Best effort: a backend may exit between the listing and the signal.
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(&pids)
+            .status();
+    }
+}
+
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        self.signal_all("CONT"); // a frozen instance cannot stop
         let data = self.data_dir();
         let _ = self
             .command("pg_ctl")
@@ -969,6 +998,76 @@ fn postgres_health_follows_database_outage() {
     assert!(
         srv.child.try_wait().unwrap().is_none(),
         "the server must not exit during the outage"
+    );
+    assert_no_panic(&srv);
+}
+
+/// Requests during an outage get their 503 quickly with the default settings: at once when the
+/// server refuses connections, within about 3 s when it is frozen (SIGSTOP: connections open,
+/// nothing answers); after either, the same server process recovers within 5 s.
+#[test]
+fn postgres_outage_answers_fast() {
+    let Some(_) = Backend::postgres() else {
+        return;
+    };
+    let pg = PrivatePostgres::new();
+    let srv = server(&Backend::Sqlite)
+        .env("DATABASE_URL", &pg.url())
+        .start();
+    let (_, token) = srv.user("fast@example.com");
+    let timed_me = || {
+        let started = Instant::now();
+        let (status, _, body) = send(srv.get("/api/users/me").bearer_auth(&token));
+        (status, body, started.elapsed())
+    };
+    let wait_for_recovery = |what: &str| {
+        let started = Instant::now();
+        while timed_me().0 != StatusCode::OK {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "not recovered 5 s after {what}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        started.elapsed()
+    };
+
+    pg.stop("fast");
+    let mut refused = Duration::ZERO;
+    for attempt in 0..5 {
+        let (status, body, took) = timed_me();
+        refused = refused.max(took);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "refused: {body}");
+        assert!(
+            took < Duration::from_secs(1),
+            "refused, attempt {attempt}: 503 after {took:?}"
+        );
+        let (status, body, took) = timed_health(&srv);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "refused: {body}");
+        assert!(
+            took < Duration::from_secs(1),
+            "refused, /health: 503 after {took:?}"
+        );
+    }
+    pg.start();
+    let recovered = wait_for_recovery("a restart of PostgreSQL");
+
+    pg.signal_all("STOP");
+    let mut frozen = Duration::ZERO;
+    for attempt in 0..3 {
+        let (status, body, took) = timed_me();
+        frozen = frozen.max(took);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "frozen: {body}");
+        assert!(
+            took < Duration::from_millis(4000),
+            "frozen, attempt {attempt}: 503 after {took:?}"
+        );
+    }
+    pg.signal_all("CONT");
+    let thawed = wait_for_recovery("SIGCONT");
+    eprintln!(
+        "outage: 503 within {refused:?} when refused, {frozen:?} when frozen; \
+         recovered {recovered:?} after a restart, {thawed:?} after a freeze"
     );
     assert_no_panic(&srv);
 }

@@ -20,6 +20,52 @@ fn drop_tasks_table(srv: &Server) {
     }
 }
 
+/// Runs `sql` on the running server's database, behind its back.
+fn execute_behind_the_server(srv: &Server, sql: &str) {
+    match srv.db.sqlite_path() {
+        Some(path) => {
+            use diesel::connection::SimpleConnection;
+            use diesel::Connection;
+            let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+            conn.batch_execute(&format!("PRAGMA busy_timeout = 5000; {sql}"))
+                .unwrap();
+        }
+        None => {
+            let mut admin = ::postgres::Client::connect(&srv.db.url, ::postgres::NoTls).unwrap();
+            admin.batch_execute(sql).unwrap();
+        }
+    }
+}
+
+/// Only the users' email being taken reads as "Email already registered" (409); any other
+/// unique constraint that trips is a server fault (500), not the client's.
+fn only_the_email_constraint_is_a_conflict(backend: &Backend) {
+    let srv = start(backend);
+    let (_, token) = srv.user("unique@example.com");
+    execute_behind_the_server(
+        &srv,
+        "CREATE UNIQUE INDEX tasks_title_unique ON tasks (title)",
+    );
+    let create = || {
+        send(
+            srv.post("/api/me/tasks")
+                .bearer_auth(&token)
+                .json(&json!({"title": "same title"})),
+        )
+    };
+    assert_eq!(create().0, StatusCode::CREATED);
+    let (status, _, body) = create();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert_eq!(body, json!({"detail": "Internal Server Error"}));
+    // The email's own constraint still reads as a conflict.
+    let (status, _, body) = send(
+        srv.post("/api/auth/register")
+            .json(&json!({"email": "unique@example.com", "password": PASSWORD})),
+    );
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body, json!({"detail": "Email already registered"}));
+}
+
 fn database_error_is_a_bare_500(backend: &Backend) {
     let srv = start(backend);
     let (_, token) = srv.user("broken@example.com");
@@ -55,4 +101,7 @@ fn database_error_is_a_bare_500(backend: &Backend) {
     assert!(!log.contains("panicked"), "{log}");
 }
 
-on_both_backends!(database_error_is_a_bare_500);
+on_both_backends!(
+    database_error_is_a_bare_500,
+    only_the_email_constraint_is_a_conflict
+);

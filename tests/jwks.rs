@@ -1742,6 +1742,218 @@ fn refetch_is_rate_limited(backend: &Backend) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Hardening: token rules and identities that must not collide
+// ---------------------------------------------------------------------------------------------
+
+/// A future `nbf` is refused (as PyJWT does), within the same 60 s leeway as `exp`; a
+/// non-numeric `nbf` or `iat` is refused too.
+fn external_nbf_and_iat_are_checked(backend: &Backend) {
+    let ed = ed_key("ed-1");
+    let jwks = JwksServer::serving(&[&ed]);
+    let srv = start_with_jwks(backend, &jwks.url());
+    let base = claims("ba_nbf", "nbf@example.com", "Nbf");
+    let now = now_secs();
+    for (what, token) in [
+        (
+            "nbf 5 minutes ahead",
+            ed.sign(&with(base.clone(), "nbf", json!(now + 300))),
+        ),
+        (
+            "nbf as a string",
+            ed.sign(&with(base.clone(), "nbf", json!("0"))),
+        ),
+        (
+            "iat as a string",
+            ed.sign(&with(base.clone(), "iat", json!("yesterday"))),
+        ),
+    ] {
+        assert_401(&me(&srv, &token), what);
+    }
+    let within_leeway = ed.sign(&with(base.clone(), "nbf", json!(now + 30)));
+    assert_me(
+        &me(&srv, &within_leeway),
+        "ba_nbf",
+        "nbf@example.com",
+        "Nbf",
+        "nbf 30 s ahead (inside the leeway)",
+    );
+}
+
+/// Headers that point at a key (`jku`, `x5u`) or carry one (`jwk`) are refused even on a token
+/// the set's own key signed.
+fn key_location_headers_are_refused(backend: &Backend) {
+    let ed = ed_key("ed-1");
+    let jwks = JwksServer::serving(&[&ed]);
+    let srv = start_with_jwks(backend, &jwks.url());
+    let body = claims("ba_headers", "headers@example.com", "H");
+    assert_me(
+        &me(&srv, &ed.sign(&body)),
+        "ba_headers",
+        "headers@example.com",
+        "H",
+        "the same token without the headers",
+    );
+    let mut jku = ed.header();
+    jku.jku = Some(format!("{}/other-keys", jwks.url()));
+    let mut x5u = ed.header();
+    x5u.x5u = Some(format!("{}/cert.pem", jwks.url()));
+    let mut jwk = ed.header();
+    jwk.jwk = Some(serde_json::from_value(ed.jwk.clone()).unwrap());
+    for (what, header) in [("jku", jku), ("x5u", x5u), ("jwk", jwk)] {
+        assert_401(&me(&srv, &sign(&header, &body, &ed.encoding)), what);
+    }
+}
+
+/// A `sub` must be printable and at most 255 characters: a newline, NUL or an over-long id is
+/// 401 before anything is stored (no user, no task).
+fn unprintable_or_long_subjects_are_refused(backend: &Backend) {
+    let ed = ed_key("ed-1");
+    let jwks = JwksServer::serving(&[&ed]);
+    let srv = start_with_jwks(backend, &jwks.url());
+    let long = "s".repeat(256);
+    for (what, sub) in [
+        ("newline", "evil\nLocation: x"),
+        ("NUL", "nul\u{0}byte"),
+        ("tab", "tab\there"),
+        ("256 characters", long.as_str()),
+    ] {
+        let token = ed.sign(&claims(sub, &format!("{}@example.com", what.len()), "X"));
+        assert_401(
+            &post_json(&srv, "/api/me/tasks", &token, &json!({"title": "t"})),
+            &format!("create a task with a {what} in sub"),
+        );
+        assert_401(&me(&srv, &token), &format!("{what} in sub"));
+    }
+    // Nothing was written: the emails of those tokens are free for a valid one.
+    let fine = "s".repeat(255);
+    let token = ed.sign(&claims(&fine, "3@example.com", "Fine"));
+    assert_me(
+        &me(&srv, &token),
+        &fine,
+        "3@example.com",
+        "Fine",
+        "255-character sub",
+    );
+}
+
+/// An external token whose `sub` names a local account is 401, and it never sees that
+/// account's tasks; a user created by one issuer is not reachable by another.
+fn external_tokens_reach_only_their_issuers_users(backend: &Backend) {
+    let ed = ed_key("ed-1");
+    let jwks = JwksServer::serving(&[&ed]);
+    let srv = start_with_jwks(backend, &jwks.url());
+    let local = srv.register("local@example.com", PASSWORD);
+    let local_id = local["id"].as_str().unwrap();
+    let local_token = srv.login("local@example.com", PASSWORD);
+    let created = post_json(
+        &srv,
+        "/api/me/tasks",
+        &local_token,
+        &json!({"title": "mine"}),
+    );
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+
+    let posing = ed.sign(&claims(local_id, "local@example.com", "Local"));
+    assert_401(&me(&srv, &posing), "external token naming a local account");
+    assert_401(
+        &get(&srv, &format!("/api/{local_id}/tasks"), &posing),
+        "external token listing a local account's tasks",
+    );
+    let posing_other_email = ed.sign(&claims(local_id, "someone@example.com", "S"));
+    assert_401(
+        &me(&srv, &posing_other_email),
+        "external token naming a local account, another email",
+    );
+
+    // Issuer A creates a user. A second server on the same database trusts issuer B (another
+    // JWK Set URL, here serving the same key): B's token for that sub is refused, A's works.
+    let from_a = ed.sign(&claims("shared_sub", "a@example.com", "A"));
+    assert_me(
+        &me(&srv, &from_a),
+        "shared_sub",
+        "a@example.com",
+        "A",
+        "issuer A",
+    );
+    let other_jwks = JwksServer::serving(&[&ed]);
+    let other = server_on(srv.db.clone())
+        .env("JWT_JWKS_URL", &other_jwks.url())
+        .start();
+    assert_401(&me(&other, &from_a), "issuer B naming issuer A's user");
+    let fresh = ed.sign(&claims("b_sub", "b@example.com", "B"));
+    assert_me(
+        &me(&other, &fresh),
+        "b_sub",
+        "b@example.com",
+        "B",
+        "issuer B's own user",
+    );
+    assert_401(&me(&srv, &fresh), "issuer A naming issuer B's user");
+    assert_me(
+        &me(&srv, &from_a),
+        "shared_sub",
+        "a@example.com",
+        "A",
+        "issuer A again",
+    );
+    // The local account is untouched.
+    let (status, _, body) = send(srv.get("/api/users/me").bearer_auth(&local_token));
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["email"], "local@example.com");
+}
+
+/// Accounts created from external tokens before issuers were recorded (the migration marks them
+/// with an empty issuer) belong to the first issuer that presents a valid token for them.
+fn accounts_from_before_issuers_were_recorded_are_claimed_once(backend: &Backend) {
+    let ed = ed_key("ed-1");
+    let jwks = JwksServer::serving(&[&ed]);
+    let srv = start_with_jwks(backend, &jwks.url());
+    let from_a = ed.sign(&claims("legacy_sub", "legacy@example.com", "L"));
+    assert_me(
+        &me(&srv, &from_a),
+        "legacy_sub",
+        "legacy@example.com",
+        "L",
+        "created",
+    );
+    let forget_issuer = "UPDATE users SET issuer = '' WHERE id = 'legacy_sub'";
+    match srv.db.sqlite_path() {
+        Some(path) => {
+            use diesel::connection::SimpleConnection;
+            use diesel::Connection;
+            let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+            conn.batch_execute(&format!("PRAGMA busy_timeout = 5000; {forget_issuer}"))
+                .unwrap();
+        }
+        None => {
+            let mut db = ::postgres::Client::connect(&srv.db.url, ::postgres::NoTls).unwrap();
+            db.batch_execute(forget_issuer).unwrap();
+        }
+    }
+    // A second server on the same database trusts issuer B (another JWK Set URL).
+    let other_jwks = JwksServer::serving(&[&ed]);
+    let other = server_on(srv.db.clone())
+        .env("JWT_JWKS_URL", &other_jwks.url())
+        .start();
+    let from_b = ed.sign(&claims("legacy_sub", "legacy@example.com", "L"));
+    assert_me(
+        &me(&other, &from_b),
+        "legacy_sub",
+        "legacy@example.com",
+        "L",
+        "claimed by B",
+    );
+    assert_me(
+        &me(&other, &from_b),
+        "legacy_sub",
+        "legacy@example.com",
+        "L",
+        "B again",
+    );
+    assert_401(&me(&srv, &from_a), "issuer A after B claimed the account");
+}
+
 on_both_backends!(
     accepts_eddsa_es256_rs256_tokens,
     rsa_key_without_alg_accepts_rs256_and_ps256,
@@ -1760,4 +1972,9 @@ on_both_backends!(
     jwks_garbage_is_401_then_recovers,
     jwks_that_never_answers_is_401_not_a_hang,
     refetch_is_rate_limited,
+    external_nbf_and_iat_are_checked,
+    key_location_headers_are_refused,
+    unprintable_or_long_subjects_are_refused,
+    external_tokens_reach_only_their_issuers_users,
+    accounts_from_before_issuers_were_recorded_are_claimed_once,
 );
