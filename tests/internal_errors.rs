@@ -3,49 +3,12 @@
 mod common;
 use common::*;
 
-/// Drops the tasks table behind the running server's back.
-fn drop_tasks_table(srv: &Server) {
-    match srv.db.sqlite_path() {
-        Some(path) => {
-            use diesel::connection::SimpleConnection;
-            use diesel::Connection;
-            let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-            conn.batch_execute("PRAGMA busy_timeout = 5000; DROP TABLE tasks;")
-                .unwrap();
-        }
-        None => {
-            let mut admin = ::postgres::Client::connect(&srv.db.url, ::postgres::NoTls).unwrap();
-            admin.batch_execute("DROP TABLE tasks CASCADE").unwrap();
-        }
-    }
-}
-
-/// Runs `sql` on the running server's database, behind its back.
-fn execute_behind_the_server(srv: &Server, sql: &str) {
-    match srv.db.sqlite_path() {
-        Some(path) => {
-            use diesel::connection::SimpleConnection;
-            use diesel::Connection;
-            let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-            conn.batch_execute(&format!("PRAGMA busy_timeout = 5000; {sql}"))
-                .unwrap();
-        }
-        None => {
-            let mut admin = ::postgres::Client::connect(&srv.db.url, ::postgres::NoTls).unwrap();
-            admin.batch_execute(sql).unwrap();
-        }
-    }
-}
-
 /// Only the users' email being taken reads as "Email already registered" (409); any other
 /// unique constraint that trips is a server fault (500), not the client's.
 fn only_the_email_constraint_is_a_conflict(backend: &Backend) {
     let srv = start(backend);
     let (_, token) = srv.user("unique@example.com");
-    execute_behind_the_server(
-        &srv,
-        "CREATE UNIQUE INDEX tasks_title_unique ON tasks (title)",
-    );
+    srv.execute_sql("CREATE UNIQUE INDEX tasks_title_unique ON tasks (title)");
     let create = || {
         send(
             srv.post("/api/me/tasks")
@@ -76,7 +39,11 @@ fn database_error_is_a_bare_500(backend: &Backend) {
     );
     assert_eq!(status, StatusCode::CREATED);
 
-    drop_tasks_table(&srv);
+    srv.execute_sql(if srv.db.sqlite_path().is_some() {
+        "DROP TABLE tasks"
+    } else {
+        "DROP TABLE tasks CASCADE"
+    });
 
     for request in [
         srv.get("/api/me/tasks").bearer_auth(&token),

@@ -1917,20 +1917,8 @@ fn accounts_from_before_issuers_were_recorded_are_claimed_once(backend: &Backend
         "L",
         "created",
     );
-    let forget_issuer = "UPDATE users SET issuer = '' WHERE id = 'legacy_sub'";
-    match srv.db.sqlite_path() {
-        Some(path) => {
-            use diesel::connection::SimpleConnection;
-            use diesel::Connection;
-            let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
-            conn.batch_execute(&format!("PRAGMA busy_timeout = 5000; {forget_issuer}"))
-                .unwrap();
-        }
-        None => {
-            let mut db = ::postgres::Client::connect(&srv.db.url, ::postgres::NoTls).unwrap();
-            db.batch_execute(forget_issuer).unwrap();
-        }
-    }
+    // What the migration leaves for such an account.
+    srv.execute_sql("UPDATE users SET issuer = '' WHERE id = 'legacy_sub'");
     // A second server on the same database trusts issuer B (another JWK Set URL).
     let other_jwks = JwksServer::serving(&[&ed]);
     let other = server_on(srv.db.clone())

@@ -423,6 +423,26 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Runs `sql` on this server's database behind its back (as an operator, or an older
+    /// version of the schema, would leave it).
+    pub fn execute_sql(&self, sql: &str) {
+        match self.db.sqlite_path() {
+            Some(path) => {
+                use diesel::connection::SimpleConnection;
+                use diesel::Connection;
+                let mut conn = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+                conn.batch_execute(&format!("PRAGMA busy_timeout = 5000; {sql}"))
+                    .unwrap();
+            }
+            None => {
+                let mut db = ::postgres::Client::connect(&self.db.url, ::postgres::NoTls).unwrap();
+                db.batch_execute(sql).unwrap();
+            }
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
