@@ -1340,8 +1340,9 @@ impl PgDatabase {
 ///
 /// The body is expanded once per backend, the way vaultwarden's `db_run!` does it: each query is
 /// written once and compiled, type-checked, against both SQLite and PostgreSQL. `read` or
-/// `write` picks the SQLite pool. (SQLite statements run inline and cannot hang on a network;
-/// PostgreSQL ones are bounded by the pool's timeout.)
+/// `write` picks the SQLite pool. SQLite statements run inline and cannot hang on a network;
+/// on PostgreSQL, waiting for a connection and the statement together are bounded by
+/// `DATABASE_TIMEOUT`, so a frozen server costs a request seconds, not forever.
 macro_rules! db {
     ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
         match &$database {
