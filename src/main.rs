@@ -47,7 +47,7 @@ use serde_json::json;
 use utoipa::openapi::security::{
     Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityScheme,
 };
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 use utoipa_actix_web::AppExt;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -354,6 +354,8 @@ struct User {
     id: String,
     #[schema(example = "alice@example.com")]
     email: String,
+    /// `null` when the user has not given one.
+    #[schema(required = true)]
     name: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -391,6 +393,8 @@ struct Task {
     user_id: String,
     #[schema(example = "Buy milk")]
     title: String,
+    /// `null` when the task has none.
+    #[schema(required = true)]
     description: Option<String>,
     completed: bool,
     #[serde(serialize_with = "rfc3339")]
@@ -449,22 +453,38 @@ struct TokenForm {
     username: String,
     #[schema(format = Password)]
     password: String,
-    #[schema(pattern = "^password$")]
+    #[schema(value_type = String, required = false, pattern = "^password$")]
     grant_type: Option<String>,
     /// Accepted from OAuth2 clients; this API has no scopes to grant.
     #[serde(default)]
     #[allow(dead_code)]
     scope: String,
+    /// Accepted from OAuth2 clients and not used: the API has one kind of client.
+    #[allow(dead_code)]
+    #[schema(value_type = String, required = false)]
+    client_id: Option<String>,
+    /// Accepted from OAuth2 clients and not used.
+    #[allow(dead_code)]
+    #[schema(value_type = String, required = false, format = Password)]
+    client_secret: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 struct TokenResponse {
     access_token: String,
-    #[schema(example = "bearer")]
+    #[schema(schema_with = bearer_only)]
     token_type: &'static str,
     /// Lifetime of the token in seconds.
     #[schema(example = 1800)]
     expires_in: u64,
+}
+
+/// `token_type`'s schema: `"bearer"` is the only kind of token this API issues.
+fn bearer_only() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(["bearer"]))
+        .build()
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -473,8 +493,9 @@ struct UserUpdate {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>, max_length = 100)]
     name: Option<Option<String>>,
+    /// Leaving the key out keeps the email; `null` is refused.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, format = "email", max_length = 254)]
+    #[schema(value_type = String, required = false, format = "email", max_length = 254)]
     email: Option<Option<String>>,
 }
 
@@ -501,13 +522,13 @@ struct TaskInput {
 #[derive(Deserialize, ToSchema)]
 struct TaskPatch {
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, min_length = 1, max_length = 200)]
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 200)]
     title: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>, max_length = 1000)]
     description: Option<Option<String>>,
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<bool>)]
+    #[schema(value_type = bool, required = false)]
     completed: Option<Option<bool>>,
 }
 
@@ -523,11 +544,14 @@ fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 struct TaskListQuery {
     /// Which tasks to list.
     #[serde(default)]
+    #[param(inline)]
     status: StatusFilter,
     #[serde(default)]
+    #[param(inline)]
     sort: SortKey,
     /// Sort direction; ties are broken by id in the same direction.
     #[serde(default)]
+    #[param(inline)]
     order: SortOrder,
     /// Case-insensitive substring of the title or the description.
     #[param(max_length = 200)]
@@ -540,6 +564,7 @@ struct TaskListQuery {
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = "all")]
 enum StatusFilter {
     #[default]
     All,
@@ -549,6 +574,7 @@ enum StatusFilter {
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = "created")]
 enum SortKey {
     #[default]
     Created,
@@ -558,6 +584,7 @@ enum SortKey {
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = "desc")]
 enum SortOrder {
     Asc,
     #[default]
@@ -566,16 +593,23 @@ enum SortOrder {
 
 #[derive(Serialize, ToSchema)]
 struct Health {
-    #[schema(example = "ok")]
-    status: &'static str,
+    #[schema(inline)]
+    status: HealthStatus,
+    /// `ok`, or a short reason why the database does not answer.
     #[schema(example = "ok")]
     database: String,
 }
 
-/// Every error but 422: `{"detail": "…"}`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum HealthStatus {
+    Ok,
+    Unavailable,
+}
+
+/// Every error but 422: `{"detail": "…"}`. Each response declares its own example (below).
 #[derive(Serialize, ToSchema)]
 struct ErrorDetail {
-    #[schema(example = "Task not found")]
     detail: String,
 }
 
@@ -2023,6 +2057,90 @@ impl AppState {
 // =================================================================================================
 // 5. Routes
 // =================================================================================================
+//
+// The OpenAPI document (`/openapi.json`, `/docs`) is generated from this section: a `///` doc
+// comment on a route, or on a request/response type and its fields, becomes public text in it.
+// Notes meant for readers of the code go in `//` comments.
+
+// ----- Error responses, declared once ----------------------------------------------------------
+//
+// Each error status a route can send is one type here, with its own example, so Swagger UI shows
+// the message that status really carries. Routes list the ones they return; what is sent is
+// still decided by `ApiError::error_response`.
+
+use error_responses::*;
+
+/// Types that exist only to be listed in `responses(...)`: they are never built.
+mod error_responses {
+    #![allow(dead_code)]
+    use super::{ErrorDetail, IntoResponses, ValidationErrorBody};
+
+    /// Missing or invalid token
+    #[derive(IntoResponses)]
+    #[response(
+        status = 401,
+        headers(("WWW-Authenticate" = String, description = "`Bearer`")),
+        examples(
+            ("no token" = (value = json!({"detail": "Not authenticated"}))),
+            ("invalid token" = (value = json!({"detail": "Could not validate credentials"}))),
+        )
+    )]
+    pub struct Unauthorized(ErrorDetail);
+
+    /// Incorrect email or password
+    #[derive(IntoResponses)]
+    #[response(
+        status = 401,
+        headers(("WWW-Authenticate" = String, description = "`Bearer`")),
+        example = json!({"detail": "Incorrect email or password"})
+    )]
+    pub struct BadCredentials(ErrorDetail);
+
+    /// Too many failed logins for this email or from this client
+    #[derive(IntoResponses)]
+    #[response(
+        status = 429,
+        headers(("Retry-After" = u64, description = "Seconds until a login may succeed again")),
+        example = json!({"detail": "Too many login attempts"})
+    )]
+    pub struct TooManyAttempts(ErrorDetail);
+
+    /// `{user_id}` is another user
+    #[derive(IntoResponses)]
+    #[response(status = 403, example = json!({"detail": "Not allowed to access another user's tasks"}))]
+    pub struct NotYourTasks(ErrorDetail);
+
+    /// No such task of this user
+    #[derive(IntoResponses)]
+    #[response(status = 404, example = json!({"detail": "Task not found"}))]
+    pub struct TaskNotFound(ErrorDetail);
+
+    /// The email belongs to another account
+    #[derive(IntoResponses)]
+    #[response(status = 409, example = json!({"detail": "Email already registered"}))]
+    pub struct EmailTaken(ErrorDetail);
+
+    /// The body is larger than the limit (64 KiB for JSON, 4 KiB for forms)
+    #[derive(IntoResponses)]
+    #[response(status = 413, example = json!({"detail": "Request body is larger than 65536 bytes"}))]
+    pub struct BodyTooLarge(ErrorDetail);
+
+    /// The body is not `application/json`
+    #[derive(IntoResponses)]
+    #[response(status = 415, example = json!({"detail": "Unsupported media type: expected application/json"}))]
+    pub struct NotJson(ErrorDetail);
+
+    /// Validation error: every problem of the input, each located by `loc`
+    #[derive(IntoResponses)]
+    #[response(
+        status = 422,
+        example = json!({"detail": [
+            {"loc": ["body", "title"], "msg": "String should have at least 1 character", "type": "string_too_short"},
+            {"loc": ["body", "completed"], "msg": "Input should be a valid boolean", "type": "bool_type"},
+        ]})
+    )]
+    pub struct Invalid(ValidationErrorBody);
+}
 
 // ----- [health] ----------------------------------------------------------------------------------
 
@@ -2031,14 +2149,15 @@ impl AppState {
     tag = "health",
     responses(
         (status = 200, description = "The service and its database answer", body = Health),
-        (status = 503, description = "The database does not answer", body = Health),
+        (status = 503, description = "The database does not answer", body = Health,
+            example = json!({"status": "unavailable", "database": "no database connection became available in time"})),
     )
 )]
 #[get("/health")]
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     match state.db.ping().await {
         Ok(()) => HttpResponse::Ok().json(Health {
-            status: "ok",
+            status: HealthStatus::Ok,
             database: "ok".into(),
         }),
         Err(e) => {
@@ -2048,7 +2167,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
                 _ => "query failed".into(),
             };
             HttpResponse::ServiceUnavailable().json(Health {
-                status: "unavailable",
+                status: HealthStatus::Unavailable,
                 database: reason,
             })
         }
@@ -2063,10 +2182,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "The new user", body = User),
-        (status = 409, description = "The email is taken", body = ErrorDetail),
-        (status = 413, description = "Body too large", body = ErrorDetail),
-        (status = 415, description = "Not JSON", body = ErrorDetail),
-        (status = 422, description = "Invalid email or password", body = ValidationErrorBody),
+        EmailTaken, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[post("/api/auth/register")]
@@ -2098,10 +2214,7 @@ async fn register(
     request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "A bearer token", body = TokenResponse),
-        (status = 401, description = "Incorrect email or password", body = ErrorDetail),
-        (status = 413, description = "Body too large", body = ErrorDetail),
-        (status = 422, description = "Missing fields", body = ValidationErrorBody),
-        (status = 429, description = "Too many failed logins", body = ErrorDetail),
+        BadCredentials, BodyTooLarge, Invalid, TooManyAttempts,
     )
 )]
 #[post("/token")]
@@ -2121,11 +2234,7 @@ async fn oauth2_token(
     request_body = LoginRequest,
     responses(
         (status = 200, description = "A bearer token", body = TokenResponse),
-        (status = 401, description = "Incorrect email or password", body = ErrorDetail),
-        (status = 413, description = "Body too large", body = ErrorDetail),
-        (status = 415, description = "Not JSON", body = ErrorDetail),
-        (status = 422, description = "Malformed body", body = ValidationErrorBody),
-        (status = 429, description = "Too many failed logins", body = ErrorDetail),
+        BadCredentials, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
     )
 )]
 #[post("/api/auth/login")]
@@ -2147,7 +2256,7 @@ async fn login(
     security(("bearer" = []), ("oauth2" = [])),
     responses(
         (status = 200, description = "The user", body = User),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        Unauthorized,
     )
 )]
 #[get("/api/users/me")]
@@ -2162,9 +2271,7 @@ async fn read_me(CurrentUser(user): CurrentUser) -> web::Json<User> {
     request_body = UserUpdate,
     responses(
         (status = 200, description = "The updated user", body = User),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 409, description = "The email is taken", body = ErrorDetail),
-        (status = 422, description = "Invalid input", body = ValidationErrorBody),
+        Unauthorized, EmailTaken, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[patch("/api/users/me")]
@@ -2193,10 +2300,10 @@ async fn update_me(
     security(("bearer" = []), ("oauth2" = [])),
     request_body = PasswordChange,
     responses(
-        (status = 204, description = "Changed"),
-        (status = 400, description = "The current password is wrong", body = ErrorDetail),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 422, description = "The new password is invalid", body = ValidationErrorBody),
+        (status = 204, description = "Changed; tokens issued before no longer work"),
+        (status = 400, description = "The current password is wrong", body = ErrorDetail,
+            example = json!({"detail": "Incorrect password"})),
+        Unauthorized, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[put("/api/users/me/password")]
@@ -2234,7 +2341,7 @@ async fn change_password(
     security(("bearer" = []), ("oauth2" = [])),
     responses(
         (status = 204, description = "Deleted; the account's tokens no longer work"),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        Unauthorized,
     )
 )]
 #[delete("/api/users/me")]
@@ -2302,9 +2409,7 @@ fn like_pattern(search: &str) -> String {
     responses(
         (status = 200, description = "One page of tasks", body = Vec<Task>,
             headers(("X-Total-Count" = i64, description = "Matching tasks before limit/offset"))),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 422, description = "Invalid query", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, Invalid,
     )
 )]
 #[get("/api/{user_id}/tasks")]
@@ -2396,9 +2501,7 @@ async fn list_tasks(
     responses(
         (status = 201, description = "The new task", body = Task,
             headers(("Location" = String, description = "/api/{user_id}/tasks/{id}"))),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 422, description = "Invalid task", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[post("/api/{user_id}/tasks")]
@@ -2437,10 +2540,7 @@ async fn create_task(
     params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
     responses(
         (status = 200, description = "The task", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
     )
 )]
 #[get("/api/{user_id}/tasks/{id}")]
@@ -2486,10 +2586,7 @@ async fn update_task(
     request_body = TaskInput,
     responses(
         (status = 200, description = "The replaced task", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "Invalid task", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[put("/api/{user_id}/tasks/{id}")]
@@ -2517,10 +2614,7 @@ async fn replace_task(
     request_body = TaskPatch,
     responses(
         (status = 200, description = "The updated task", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "Invalid fields", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[patch("/api/{user_id}/tasks/{id}")]
@@ -2547,10 +2641,7 @@ async fn patch_task(
     params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
     )
 )]
 #[delete("/api/{user_id}/tasks/{id}")]
@@ -2577,10 +2668,7 @@ async fn delete_task(
     params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
     responses(
         (status = 200, description = "The task with `completed` flipped", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
     )
 )]
 #[patch("/api/{user_id}/tasks/{id}/complete")]
@@ -2609,13 +2697,16 @@ async fn toggle_task(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Todo API", description = "Tasks per user, behind JWT bearer auth."),
+    // Relative: the document is right wherever the server is reached (Swagger UI, a proxy).
+    servers((url = "/", description = "This server")),
     tags(
         (name = "health", description = "Service and database status"),
         (name = "auth", description = "Accounts and tokens"),
         (name = "users", description = "The signed-in user"),
         (name = "tasks", description = "The signed-in user's tasks"),
     ),
-    components(schemas(StatusFilter, SortKey, SortOrder)),
+    // The error bodies: the error response types above refer to them but do not register them.
+    components(schemas(ErrorDetail, ValidationErrorBody, FieldError)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -2642,6 +2733,51 @@ impl Modify for SecuritySchemes {
             ))])),
         );
     }
+}
+
+/// The OpenAPI document of every route in `api_routes`, with what utoipa 6's attributes cannot
+/// say added here (it runs after the routes are collected, which `modifiers(...)` does not).
+fn openapi_document() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::RefOr;
+    let (_, mut openapi) = App::new()
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .configure(api_routes)
+        .split_for_parts();
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            // A route that names no security scheme is public: say so (`security: []`), so
+            // generated clients and linters do not have to guess.
+            operation.security.get_or_insert_with(Vec::new);
+            // Every header this API declares is sent on every such response. utoipa 6's
+            // `Header` has no `required` field, so it goes in through the extensions map.
+            let headers = operation
+                .responses
+                .responses
+                .values_mut()
+                .filter_map(|response| match response {
+                    RefOr::T(response) => Some(response.headers.values_mut()),
+                    RefOr::Ref(_) => None,
+                })
+                .flatten();
+            for header in headers {
+                if let RefOr::T(header) = header {
+                    header
+                        .extensions
+                        .get_or_insert_with(Default::default)
+                        .insert("required".into(), json!(true));
+                }
+            }
+        }
+    }
+    openapi
 }
 
 /// Registers every API route; the OpenAPI document is generated from this same list, so a
@@ -2867,11 +3003,7 @@ async fn serve(config: Config) -> Result<(), String> {
         trusted_proxies: config.trusted_proxies.clone(),
     });
 
-    let (_, openapi) = App::new()
-        .into_utoipa_app()
-        .openapi(ApiDoc::openapi())
-        .configure(api_routes)
-        .split_for_parts();
+    let openapi = openapi_document();
     let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
     let cors_origins = config.cors_origins.clone();
 
