@@ -1,8 +1,8 @@
 //! # Todo API
 //!
 //! A Todo backend that speaks the same HTTP contract as the FastAPI + SQLModel + JWT original
-//! (see `API.md`), so the Next.js frontends written for it work unchanged. One file, read top to
-//! bottom:
+//! (see "The API" in the README), so the Next.js frontends written for it work unchanged. One
+//! file, read top to bottom:
 //!
 //! 1. **Configuration** — environment and `.env`, validated once at startup.
 //! 2. **Models** — the diesel schema, row structs, request and response types, validation.
@@ -515,7 +515,10 @@ struct TaskInput {
     title: String,
     #[schema(max_length = 1000)]
     description: Option<String>,
-    #[schema(required = false, default = false)]
+    /// `false` when left out.
+    // Not `default = false`: openapi-typescript (7, by default) makes a property with a default
+    // required in the generated type, which would force clients to send it.
+    #[schema(required = false)]
     completed: bool,
 }
 
