@@ -1134,9 +1134,11 @@ const FORM_LIMIT: usize = 4 * 1024;
 /// A JSON body (`application/json`, at most 64 KiB), read and checked.
 struct Json<T>(T);
 
-/// A JSON body read but not yet looked at. Routes that must first check who is asking take this
-/// and `parse` it after: a request for another user's tasks is a 403 whatever its body, not a
-/// 422 that tells a stranger how the route validates.
+/// A JSON body read but not yet looked at. Routes that need a token take this and `parse` it
+/// once they know who is asking, as FastAPI runs its auth dependency before it validates the
+/// body: a bad token is a 401 and a request for another user's tasks a 403 whatever the body,
+/// not a 422 that tells a stranger how the route validates. (Extractors run concurrently, and
+/// the first to fail decides the answer, so `CurrentUser` next to `Json` could not promise it.)
 struct JsonBody(Result<web::Bytes, ApiError>);
 
 /// A `application/x-www-form-urlencoded` body (at most 4 KiB), read and checked.
@@ -2374,8 +2376,9 @@ async fn read_me(CurrentUser(user): CurrentUser) -> web::Json<User> {
 async fn update_me(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
-    Json(body): Json<UserUpdate>,
+    body: JsonBody,
 ) -> Result<web::Json<User>, ApiError> {
+    let body: UserUpdate = body.parse()?;
     let changes = UserChanges {
         name: body.name,
         email: body.email,
@@ -2406,8 +2409,9 @@ async fn update_me(
 async fn change_password(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
-    Json(body): Json<PasswordChange>,
+    body: JsonBody,
 ) -> Result<HttpResponse, ApiError> {
+    let body: PasswordChange = body.parse()?;
     let current_hash: Option<String> = db!(state.db, read, |conn| users::table
         .find(&user.id)
         .select(users::password_hash)

@@ -198,6 +198,29 @@ fn authorization_comes_before_validation(backend: &Backend) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
 }
 
+fn a_token_without_a_user_is_401_whatever_the_body(backend: &Backend) {
+    let srv = start(backend);
+    // Signed right, but its user does not exist (deleted, say): found out only by a lookup.
+    let token = hs256_token(&json!({"sub": "ghost", "exp": now_secs() + 600}));
+    for body in [r#"{"email": null, "new_password": 5}"#, "not json"] {
+        for (what, request) in [
+            ("PATCH /api/users/me", srv.patch("/api/users/me")),
+            (
+                "PUT /api/users/me/password",
+                srv.put("/api/users/me/password"),
+            ),
+            ("POST /api/me/tasks", srv.post("/api/me/tasks")),
+        ] {
+            let (status, _, answer) = send(json_request(request.bearer_auth(&token), body));
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{what} with {body}: {answer}"
+            );
+        }
+    }
+}
+
 fn null_and_wrong_values_get_the_same_message(backend: &Backend) {
     let srv = start(backend);
     let (_, token) = srv.user("null@example.com");
@@ -412,6 +435,7 @@ on_both_backends!(
     every_problem_is_reported,
     empty_form_fields_are_absent,
     authorization_comes_before_validation,
+    a_token_without_a_user_is_401_whatever_the_body,
     null_and_wrong_values_get_the_same_message,
     nul_characters_are_refused,
     search_is_at_most_200_characters,
