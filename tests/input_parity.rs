@@ -288,129 +288,91 @@ fn nul_characters_are_refused(backend: &Backend) {
     let srv = start(backend);
     let (_, token) = srv.user("nul@example.com");
     let id = task(&srv, &token);
-    let nul = "a\u{0}b";
-    let expect_nul = |what: &str, response, field: &str, place: &str| {
-        let got = problems(what, response);
-        assert!(
-            got.contains(&(json!([place, field]), "string_nul".to_string())),
-            "{what}: expected string_nul at [{place}, {field}], got {got:?}"
-        );
-    };
     let task_url = format!("/api/me/tasks/{id}");
+    let nul = "a\u{0}b";
+    let nul_email = "nul\u{0}@example.com";
+    let nul_password = "long\u{0}password";
+    let auth = |request: reqwest::blocking::RequestBuilder| request.bearer_auth(&token);
+
+    // (what, request, field): every string field of every JSON body, form and query.
+    let mut cases = Vec::new();
     for field in ["title", "description"] {
         let mut body = json!({"title": "t"});
         body[field] = json!(nul);
-        for (what, request) in [
-            ("POST", srv.post("/api/me/tasks")),
-            ("PUT", srv.put(&task_url)),
-            ("PATCH", srv.patch(&task_url)),
-        ] {
-            expect_nul(
-                &format!("{what} task {field}"),
-                send(request.bearer_auth(&token).json(&body)),
-                field,
-                "body",
-            );
-        }
+        cases.push((
+            "POST task",
+            auth(srv.post("/api/me/tasks")).json(&body),
+            field,
+        ));
+        cases.push(("PUT task", auth(srv.put(&task_url)).json(&body), field));
+        cases.push(("PATCH task", auth(srv.patch(&task_url)).json(&body), field));
     }
-    for (field, body) in [
+    let register = |body: Value| srv.post("/api/auth/register").json(&body);
+    let login = |body: Value| srv.post("/api/auth/login").json(&body);
+    let token_form = |form: [(&str, &str); 2]| srv.post("/token").form(&form);
+    let me = |body: Value| auth(srv.patch("/api/users/me")).json(&body);
+    let password = |body: Value| auth(srv.put("/api/users/me/password")).json(&body);
+    cases.extend([
         (
+            "register",
+            register(json!({"email": nul_email, "password": PASSWORD})),
             "email",
-            json!({"email": "a\u{0}@example.com", "password": PASSWORD}),
         ),
         (
+            "register",
+            register(json!({"email": "x@example.com", "password": nul_password})),
             "password",
-            json!({"email": "x@example.com", "password": "long\u{0}password"}),
         ),
         (
+            "register",
+            register(json!({"email": "y@example.com", "password": PASSWORD, "name": nul})),
             "name",
-            json!({"email": "y@example.com", "password": PASSWORD, "name": nul}),
         ),
-    ] {
-        expect_nul(
-            &format!("register {field}"),
-            send(srv.post("/api/auth/register").json(&body)),
-            field,
-            "body",
-        );
-    }
-    for (field, body) in [
         (
+            "login",
+            login(json!({"email": nul_email, "password": PASSWORD})),
             "email",
-            json!({"email": "nul\u{0}@example.com", "password": PASSWORD}),
         ),
         (
+            "login",
+            login(json!({"email": "nul@example.com", "password": nul_password})),
             "password",
-            json!({"email": "nul@example.com", "password": "pass\u{0}word!"}),
         ),
-    ] {
-        expect_nul(
-            &format!("login {field}"),
-            send(srv.post("/api/auth/login").json(&body)),
-            field,
-            "body",
-        );
-    }
-    for (field, form) in [
         (
+            "/token",
+            token_form([("username", nul_email), ("password", PASSWORD)]),
             "username",
-            [("username", "nul\u{0}@example.com"), ("password", PASSWORD)],
         ),
         (
+            "/token",
+            token_form([("username", "nul@example.com"), ("password", nul_password)]),
             "password",
-            [
-                ("username", "nul@example.com"),
-                ("password", "pass\u{0}word!"),
-            ],
         ),
-    ] {
-        expect_nul(
-            &format!("/token {field}"),
-            send(srv.post("/token").form(&form)),
-            field,
-            "body",
-        );
-    }
-    for (field, body) in [
-        ("name", json!({"name": nul})),
-        ("email", json!({"email": "me\u{0}@example.com"})),
-    ] {
-        expect_nul(
-            &format!("PATCH me {field}"),
-            send(srv.patch("/api/users/me").bearer_auth(&token).json(&body)),
-            field,
-            "body",
-        );
-    }
-    for (field, body) in [
+        ("PATCH me", me(json!({"name": nul})), "name"),
+        ("PATCH me", me(json!({"email": nul_email})), "email"),
         (
+            "PUT password",
+            password(json!({"current_password": nul_password, "new_password": PASSWORD})),
             "current_password",
-            json!({"current_password": "x\u{0}", "new_password": PASSWORD}),
         ),
         (
+            "PUT password",
+            password(json!({"current_password": PASSWORD, "new_password": nul_password})),
             "new_password",
-            json!({"current_password": PASSWORD, "new_password": "new\u{0}password"}),
         ),
-    ] {
-        expect_nul(
-            &format!("PUT password {field}"),
-            send(
-                srv.put("/api/users/me/password")
-                    .bearer_auth(&token)
-                    .json(&body),
-            ),
-            field,
-            "body",
+    ]);
+    for (what, request, field) in cases {
+        let got = problems(&format!("{what} {field}"), send(request));
+        assert!(
+            got.contains(&(json!(["body", field]), "string_nul".to_string())),
+            "{what}: expected string_nul at [body, {field}], got {got:?}"
         );
     }
-    expect_nul(
-        "search",
-        send(srv.get("/api/me/tasks?q=a%00b").bearer_auth(&token)),
-        "q",
-        "query",
-    );
+    let got = problems("search", send(auth(srv.get("/api/me/tasks?q=a%00b"))));
+    assert_eq!(got, vec![(json!(["query", "q"]), "string_nul".to_string())]);
+
     // Nothing was stored: the account still has its one task, and its login still works.
-    let (status, headers, _) = send(srv.get("/api/me/tasks").bearer_auth(&token));
+    let (status, headers, _) = send(auth(srv.get("/api/me/tasks")));
     assert_eq!(status, StatusCode::OK);
     assert_eq!(headers["x-total-count"], "1");
     srv.login("nul@example.com", PASSWORD);
