@@ -1,8 +1,8 @@
 //! # Todo API
 //!
 //! A Todo backend that speaks the same HTTP contract as the FastAPI + SQLModel + JWT original
-//! (see `API.md`), so the Next.js frontends written for it work unchanged. One file, read top to
-//! bottom:
+//! (see "The API" in the README), so the Next.js frontends written for it work unchanged. One
+//! file, read top to bottom:
 //!
 //! 1. **Configuration** — environment and `.env`, validated once at startup.
 //! 2. **Models** — the diesel schema, row structs, request and response types, validation.
@@ -42,13 +42,12 @@ use futures_util::future::Either;
 use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
 use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::json;
 use utoipa::openapi::security::{
     Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityScheme,
 };
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 use utoipa_actix_web::AppExt;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -388,6 +387,8 @@ struct User {
     id: String,
     #[schema(example = "alice@example.com")]
     email: String,
+    /// `null` when the user has not given one.
+    #[schema(required = true)]
     name: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     #[schema(value_type = String, format = DateTime)]
@@ -431,6 +432,8 @@ struct Task {
     user_id: String,
     #[schema(example = "Buy milk")]
     title: String,
+    /// `null` when the task has none.
+    #[schema(required = true)]
     description: Option<String>,
     completed: bool,
     #[serde(serialize_with = "rfc3339")]
@@ -463,8 +466,12 @@ struct TaskChanges {
 }
 
 // ----- Request and response bodies ---------------------------------------------------------------
+//
+// Request types are read field by field (see "Reading input" below), not through serde, so that
+// every problem of an input is reported at once. Their `#[schema]` attributes must therefore say
+// what is required and what may be `null`: no serde attribute says it for them.
 
-#[derive(Deserialize, ToSchema)]
+#[derive(ToSchema)]
 struct RegisterRequest {
     #[schema(format = "email", max_length = 254, example = "alice@example.com")]
     email: String,
@@ -474,7 +481,7 @@ struct RegisterRequest {
     name: Option<String>,
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(ToSchema)]
 struct LoginRequest {
     #[schema(format = "email", example = "alice@example.com")]
     email: String,
@@ -483,42 +490,57 @@ struct LoginRequest {
 }
 
 /// The OAuth2 password flow's form (what FastAPI's `OAuth2PasswordRequestForm` reads).
-#[derive(Deserialize, ToSchema)]
+// `scope`, `client_id` and `client_secret` are read (so they are checked like any input) and
+// then not used: this API has no scopes and one kind of client.
+#[derive(ToSchema)]
+#[allow(dead_code)]
 struct TokenForm {
     /// The account's email.
     username: String,
     #[schema(format = Password)]
     password: String,
-    #[schema(pattern = "^password$")]
+    #[schema(value_type = String, required = false, pattern = "^password$")]
     grant_type: Option<String>,
     /// Accepted from OAuth2 clients; this API has no scopes to grant.
-    #[serde(default)]
-    #[allow(dead_code)]
-    scope: String,
+    #[schema(value_type = String, required = false)]
+    scope: Option<String>,
+    /// Accepted from OAuth2 clients and not used.
+    #[schema(value_type = String, required = false)]
+    client_id: Option<String>,
+    /// Accepted from OAuth2 clients and not used.
+    #[schema(value_type = String, required = false, format = Password)]
+    client_secret: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
 struct TokenResponse {
     access_token: String,
-    #[schema(example = "bearer")]
+    #[schema(schema_with = bearer_only)]
     token_type: &'static str,
     /// Lifetime of the token in seconds.
     #[schema(example = 1800)]
     expires_in: u64,
 }
 
-#[derive(Deserialize, ToSchema)]
-struct UserUpdate {
-    /// `null` clears the name; leaving the key out keeps it.
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, max_length = 100)]
-    name: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, format = "email", max_length = 254)]
-    email: Option<Option<String>>,
+/// `token_type`'s schema: `"bearer"` is the only kind of token this API issues.
+fn bearer_only() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::Type::String)
+        .enum_values(Some(["bearer"]))
+        .build()
 }
 
-#[derive(Deserialize, ToSchema)]
+#[derive(ToSchema)]
+struct UserUpdate {
+    /// `null` clears the name; leaving the key out keeps it.
+    #[schema(value_type = Option<String>, required = false, max_length = 100)]
+    name: Option<Option<String>>,
+    /// Leaving the key out keeps the email; `null` is refused.
+    #[schema(value_type = String, required = false, format = "email", max_length = 254)]
+    email: Option<String>,
+}
+
+#[derive(ToSchema)]
 struct PasswordChange {
     #[schema(format = Password)]
     current_password: String,
@@ -527,47 +549,40 @@ struct PasswordChange {
 }
 
 /// The body of `POST` (create) and `PUT` (full replace) on a task.
-#[derive(Deserialize, ToSchema)]
+#[derive(ToSchema)]
 struct TaskInput {
     #[schema(min_length = 1, max_length = 200, example = "Buy milk")]
     title: String,
     #[schema(max_length = 1000)]
     description: Option<String>,
-    #[serde(default)]
+    /// `false` when left out.
+    // Not `default = false`: openapi-typescript (7, by default) makes a property with a default
+    // required in the generated type, which would force clients to send it.
+    #[schema(required = false)]
     completed: bool,
 }
 
 /// The body of `PATCH` on a task: only the keys sent change; `"description": null` clears it.
-#[derive(Deserialize, ToSchema)]
+#[derive(ToSchema)]
 struct TaskPatch {
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, min_length = 1, max_length = 200)]
-    title: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>, max_length = 1000)]
+    #[schema(value_type = String, required = false, min_length = 1, max_length = 200)]
+    title: Option<String>,
+    #[schema(value_type = Option<String>, required = false, max_length = 1000)]
     description: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<bool>)]
-    completed: Option<Option<bool>>,
+    #[schema(value_type = bool, required = false)]
+    completed: Option<bool>,
 }
 
-/// Tells a key sent as `null` (`Some(None)`) from a key left out (`None`, via `#[serde(default)]`).
-fn present<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
-
-#[derive(Deserialize, IntoParams, Default)]
+#[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
 struct TaskListQuery {
     /// Which tasks to list.
-    #[serde(default)]
+    #[param(inline, required = false)]
     status: StatusFilter,
-    #[serde(default)]
+    #[param(inline, required = false)]
     sort: SortKey,
     /// Sort direction; ties are broken by id in the same direction.
-    #[serde(default)]
+    #[param(inline, required = false)]
     order: SortOrder,
     /// Case-insensitive substring of the title or the description.
     #[param(max_length = 200)]
@@ -580,6 +595,7 @@ struct TaskListQuery {
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = "all")]
 enum StatusFilter {
     #[default]
     All,
@@ -589,6 +605,7 @@ enum StatusFilter {
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = "created")]
 enum SortKey {
     #[default]
     Created,
@@ -598,6 +615,7 @@ enum SortKey {
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
+#[schema(default = "desc")]
 enum SortOrder {
     Asc,
     #[default]
@@ -606,16 +624,23 @@ enum SortOrder {
 
 #[derive(Serialize, ToSchema)]
 struct Health {
-    #[schema(example = "ok")]
-    status: &'static str,
+    #[schema(inline)]
+    status: HealthStatus,
+    /// `ok`, or a short reason why the database does not answer.
     #[schema(example = "ok")]
     database: String,
 }
 
-/// Every error but 422: `{"detail": "…"}`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum HealthStatus {
+    Ok,
+    Unavailable,
+}
+
+/// Every error but 422: `{"detail": "…"}`. Each response declares its own example (below).
 #[derive(Serialize, ToSchema)]
 struct ErrorDetail {
-    #[schema(example = "Task not found")]
     detail: String,
 }
 
@@ -642,213 +667,370 @@ fn field_error(loc: &[&str], msg: impl Into<String>, kind: &str) -> FieldError {
     }
 }
 
-// ----- Validation: what pydantic did for the Python original ------------------------------------
+// ----- Reading input: what pydantic did for the Python original --------------------------------
+//
+// A JSON body, a form or a query string is first parsed into name → value, then each field is
+// read on its own: every problem of the input is reported at once, each located by `loc`, as
+// pydantic does (a React form maps them to its fields). Messages and types are pydantic's, one per
+// kind of problem, and never quote the submitted value, which could be a password.
 
-/// Checks (and normalizes) a parsed body; every problem found is reported at once.
-trait Validate {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>>;
+/// What is wrong with one value: pydantic's `msg` and `type`.
+type Problem = (String, &'static str);
+
+fn problem(msg: impl Into<String>, kind: &'static str) -> Problem {
+    (msg.into(), kind)
 }
+
+/// A type a field can hold, read from a JSON value. `null` is refused like any other wrong
+/// value (with the same message); fields that accept `null` say so when they are read.
+trait FieldType: Sized {
+    fn from_value(value: serde_json::Value) -> Result<Self, Problem>;
+}
+
+impl FieldType for String {
+    fn from_value(value: serde_json::Value) -> Result<Self, Problem> {
+        match value {
+            // PostgreSQL text cannot hold U+0000 (SQLite can): refused everywhere, so both
+            // backends answer the same 422 instead of one of them a 500.
+            serde_json::Value::String(s) if s.contains('\0') => Err(problem(
+                "String should not contain NUL characters",
+                "string_nul",
+            )),
+            serde_json::Value::String(s) => Ok(s),
+            _ => Err(problem("Input should be a valid string", "string_type")),
+        }
+    }
+}
+
+impl FieldType for bool {
+    fn from_value(value: serde_json::Value) -> Result<Self, Problem> {
+        // Strict: "yes" or 1 is not a boolean here (a client sending one has a bug to hear about).
+        value
+            .as_bool()
+            .ok_or_else(|| problem("Input should be a valid boolean", "bool_type"))
+    }
+}
+
+impl FieldType for i64 {
+    fn from_value(value: serde_json::Value) -> Result<Self, Problem> {
+        // Query values arrive as text.
+        match &value {
+            serde_json::Value::String(s) => s.parse().ok(),
+            _ => value.as_i64(),
+        }
+        .ok_or_else(|| problem("Input should be a valid integer", "int_parsing"))
+    }
+}
+
+/// A field that holds one of a few words: the enum's own serde names decide which.
+macro_rules! one_of_field {
+    ($type:ty, $words:literal) => {
+        impl FieldType for $type {
+            fn from_value(value: serde_json::Value) -> Result<Self, Problem> {
+                serde_json::from_value(value)
+                    .map_err(|_| problem(concat!("Input should be ", $words), "enum"))
+            }
+        }
+    };
+}
+one_of_field!(StatusFilter, "'all', 'pending' or 'completed'");
+one_of_field!(SortKey, "'created', 'updated' or 'title'");
+one_of_field!(SortOrder, "'asc' or 'desc'");
+
+/// The fields of one input, taken out one by one; the problems found so far.
+struct Fields {
+    /// `body` or `query`: the first element of every `loc`.
+    place: &'static str,
+    values: serde_json::Map<String, serde_json::Value>,
+    errors: Vec<FieldError>,
+}
+
+/// A request type, read from `Fields` (see the impls at the end of this part).
+trait FromFields: Sized {
+    fn from_fields(fields: &mut Fields) -> Self;
+}
+
+impl Fields {
+    /// Reads a `T` from name → value pairs: the value, or every problem found.
+    fn parse<T: FromFields>(
+        place: &'static str,
+        values: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<T, ApiError> {
+        let mut fields = Fields {
+            place,
+            values,
+            errors: Vec::new(),
+        };
+        let value = T::from_fields(&mut fields);
+        if fields.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ApiError::Invalid(fields.errors))
+        }
+    }
+
+    /// `name`'s value, checked by `check` (which may also normalize it): `None` when absent,
+    /// `Some(None)` for a `null` that `nullable` allows. A problem is recorded and reads as
+    /// absent; once there is a problem the value read is never used.
+    fn read<T: FieldType>(
+        &mut self,
+        name: &str,
+        nullable: bool,
+        check: impl FnOnce(&mut T) -> Result<(), Problem>,
+    ) -> Option<Option<T>> {
+        let value = self.values.remove(name)?;
+        if nullable && value.is_null() {
+            return Some(None);
+        }
+        let checked = T::from_value(value).and_then(|mut v| check(&mut v).map(|()| v));
+        match checked {
+            Ok(v) => Some(Some(v)),
+            Err((msg, kind)) => {
+                self.errors
+                    .push(field_error(&[self.place, name], msg, kind));
+                None
+            }
+        }
+    }
+
+    /// A field that must be sent, and not as `null`.
+    fn required<T: FieldType + Default>(
+        &mut self,
+        name: &str,
+        check: impl FnOnce(&mut T) -> Result<(), Problem>,
+    ) -> T {
+        if !self.values.contains_key(name) {
+            self.errors.push(field_error(
+                &[self.place, name],
+                "Field required",
+                "missing",
+            ));
+        }
+        self.read(name, false, check).flatten().unwrap_or_default()
+    }
+
+    /// A field that may be left out, but not sent as `null`.
+    fn optional<T: FieldType>(
+        &mut self,
+        name: &str,
+        check: impl FnOnce(&mut T) -> Result<(), Problem>,
+    ) -> Option<T> {
+        self.read(name, false, check).flatten()
+    }
+
+    /// A field that may be left out or be `null`: `Some(None)` is a `null` (PATCH's "clear it").
+    fn nullable<T: FieldType>(
+        &mut self,
+        name: &str,
+        check: impl FnOnce(&mut T) -> Result<(), Problem>,
+    ) -> Option<Option<T>> {
+        self.read(name, true, check)
+    }
+}
+
+// Checks of single values. They may normalize the value they check (trim, lower-case).
 
 const TITLE_MAX_CHARS: usize = 200;
 const DESCRIPTION_MAX_CHARS: usize = 1000;
 const NAME_MAX_CHARS: usize = 100;
 const EMAIL_MAX_CHARS: usize = 254;
+const SEARCH_MAX_CHARS: usize = 200;
 const PASSWORD_MIN_CHARS: usize = 8;
 /// bcrypt reads only this many bytes; longer passwords are refused, never silently truncated.
 const PASSWORD_MAX_BYTES: usize = 72;
+
+/// Any value of the right type.
+fn any<T>(_: &mut T) -> Result<(), Problem> {
+    Ok(())
+}
 
 /// Emails compare case-insensitively: stored trimmed and lower-cased.
 fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
 }
 
-fn check_email(email: &mut String, field: &str, errors: &mut Vec<FieldError>) {
+fn email(email: &mut String) -> Result<(), Problem> {
     *email = normalize_email(email);
     let well_formed = email.chars().count() <= EMAIL_MAX_CHARS
         && email_address::EmailAddress::is_valid(email)
         && email.rsplit_once('@').is_some_and(|(_, domain)| {
             domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
         });
-    if !well_formed {
-        errors.push(field_error(
-            &["body", field],
-            "value is not a valid email address",
-            "value_error",
-        ));
+    if well_formed {
+        Ok(())
+    } else {
+        Err(problem("value is not a valid email address", "value_error"))
     }
 }
 
-fn check_password(password: &str, field: &str, errors: &mut Vec<FieldError>) {
+/// `email` for callers that collect `FieldError`s themselves (users from an external issuer).
+fn check_email(address: &mut String, field: &str, errors: &mut Vec<FieldError>) {
+    if let Err((msg, kind)) = email(address) {
+        errors.push(field_error(&["body", field], msg, kind));
+    }
+}
+
+/// A password to be hashed: bcrypt's 72-byte limit is refused, never silently truncated.
+#[allow(clippy::ptr_arg)] // every check takes `&mut`: some normalize the value
+fn new_password(password: &mut String) -> Result<(), Problem> {
     if password.chars().count() < PASSWORD_MIN_CHARS {
-        errors.push(field_error(
-            &["body", field],
+        Err(problem(
             format!("String should have at least {PASSWORD_MIN_CHARS} characters"),
             "string_too_short",
-        ));
+        ))
     } else if password.len() > PASSWORD_MAX_BYTES {
-        errors.push(field_error(
-            &["body", field],
+        Err(problem(
             format!("Password must be at most {PASSWORD_MAX_BYTES} bytes (bcrypt's limit)"),
             "string_too_long",
-        ));
+        ))
+    } else {
+        Ok(())
     }
 }
 
-fn check_max_chars(value: &str, max: usize, field: &str, errors: &mut Vec<FieldError>) {
-    if value.chars().count() > max {
-        errors.push(field_error(
-            &["body", field],
-            format!("String should have at most {max} characters"),
+#[allow(clippy::ptr_arg)] // every check takes `&mut`: some normalize the value
+fn at_most<const MAX: usize>(value: &mut String) -> Result<(), Problem> {
+    if value.chars().count() > MAX {
+        Err(problem(
+            format!("String should have at most {MAX} characters"),
             "string_too_long",
-        ));
+        ))
+    } else {
+        Ok(())
     }
 }
 
-fn check_title(title: &mut String, errors: &mut Vec<FieldError>) {
+fn title(title: &mut String) -> Result<(), Problem> {
     *title = title.trim().to_string();
     if title.is_empty() {
-        errors.push(field_error(
-            &["body", "title"],
+        return Err(problem(
             "String should have at least 1 character",
             "string_too_short",
         ));
     }
-    check_max_chars(title, TITLE_MAX_CHARS, "title", errors);
+    at_most::<TITLE_MAX_CHARS>(title)
 }
 
-fn errors_or_ok(errors: Vec<FieldError>) -> Result<(), Vec<FieldError>> {
-    if errors.is_empty() {
+fn password_grant(grant_type: &mut String) -> Result<(), Problem> {
+    if grant_type == "password" {
         Ok(())
     } else {
-        Err(errors)
+        Err(problem(
+            "String should match pattern '^password$'",
+            "string_pattern_mismatch",
+        ))
     }
 }
 
-impl Validate for RegisterRequest {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        check_email(&mut self.email, "email", &mut errors);
-        check_password(&self.password, "password", &mut errors);
-        if let Some(name) = &self.name {
-            check_max_chars(name, NAME_MAX_CHARS, "name", &mut errors);
-        }
-        errors_or_ok(errors)
+fn limit(limit: &mut i64) -> Result<(), Problem> {
+    match *limit {
+        ..1 => Err(problem(
+            "Input should be greater than or equal to 1",
+            "greater_than_equal",
+        )),
+        1001.. => Err(problem(
+            "Input should be less than or equal to 1000",
+            "less_than_equal",
+        )),
+        _ => Ok(()),
     }
 }
 
-/// Login bodies are not validated beyond their shape: a malformed email or an impossible
-/// password is just a failed login (401), so it looks like every other failed login.
-impl Validate for LoginRequest {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
+fn offset(offset: &mut i64) -> Result<(), Problem> {
+    if *offset < 0 {
+        Err(problem(
+            "Input should be greater than or equal to 0",
+            "greater_than_equal",
+        ))
+    } else {
         Ok(())
     }
 }
 
-impl Validate for TokenForm {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
-        match self.grant_type.as_deref() {
-            None | Some("password") => Ok(()),
-            Some(_) => Err(vec![field_error(
-                &["body", "grant_type"],
-                "String should match pattern '^password$'",
-                "string_pattern_mismatch",
-            )]),
+impl FromFields for RegisterRequest {
+    fn from_fields(f: &mut Fields) -> Self {
+        RegisterRequest {
+            email: f.required("email", email),
+            password: f.required("password", new_password),
+            name: f.nullable("name", at_most::<NAME_MAX_CHARS>).flatten(),
         }
     }
 }
 
-impl Validate for UserUpdate {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        match &mut self.email {
-            Some(Some(email)) => check_email(email, "email", &mut errors),
-            Some(None) => errors.push(field_error(
-                &["body", "email"],
-                "Input should be a valid string",
-                "string_type",
-            )),
-            None => {}
+/// Login input is not checked beyond its types: a malformed email or an impossible password is
+/// just a failed login (401), so it looks like every other failed login.
+impl FromFields for LoginRequest {
+    fn from_fields(f: &mut Fields) -> Self {
+        LoginRequest {
+            email: f.required("email", any),
+            password: f.required("password", any),
         }
-        if let Some(Some(name)) = &self.name {
-            check_max_chars(name, NAME_MAX_CHARS, "name", &mut errors);
-        }
-        errors_or_ok(errors)
     }
 }
 
-impl Validate for PasswordChange {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        check_password(&self.new_password, "new_password", &mut errors);
-        errors_or_ok(errors)
+impl FromFields for TokenForm {
+    fn from_fields(f: &mut Fields) -> Self {
+        TokenForm {
+            username: f.required("username", any),
+            password: f.required("password", any),
+            grant_type: f.optional("grant_type", password_grant),
+            scope: f.optional("scope", any),
+            client_id: f.optional("client_id", any),
+            client_secret: f.optional("client_secret", any),
+        }
     }
 }
 
-impl Validate for TaskInput {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        check_title(&mut self.title, &mut errors);
-        if let Some(description) = &self.description {
-            check_max_chars(
-                description,
-                DESCRIPTION_MAX_CHARS,
-                "description",
-                &mut errors,
-            );
+impl FromFields for UserUpdate {
+    fn from_fields(f: &mut Fields) -> Self {
+        UserUpdate {
+            name: f.nullable("name", at_most::<NAME_MAX_CHARS>),
+            email: f.optional("email", email),
         }
-        errors_or_ok(errors)
     }
 }
 
-impl Validate for TaskPatch {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        match &mut self.title {
-            Some(Some(title)) => check_title(title, &mut errors),
-            Some(None) => errors.push(field_error(
-                &["body", "title"],
-                "Input should be a valid string",
-                "string_type",
-            )),
-            None => {}
+impl FromFields for PasswordChange {
+    fn from_fields(f: &mut Fields) -> Self {
+        PasswordChange {
+            current_password: f.required("current_password", any),
+            new_password: f.required("new_password", new_password),
         }
-        if let Some(Some(description)) = &self.description {
-            check_max_chars(
-                description,
-                DESCRIPTION_MAX_CHARS,
-                "description",
-                &mut errors,
-            );
-        }
-        if let Some(None) = self.completed {
-            errors.push(field_error(
-                &["body", "completed"],
-                "Input should be a valid boolean",
-                "bool_type",
-            ));
-        }
-        errors_or_ok(errors)
     }
 }
 
-impl Validate for TaskListQuery {
-    fn validate(&mut self) -> Result<(), Vec<FieldError>> {
-        let mut errors = Vec::new();
-        if self.limit.is_some_and(|l| !(1..=1000).contains(&l)) {
-            errors.push(field_error(
-                &["query", "limit"],
-                "Input should be between 1 and 1000",
-                "value_error",
-            ));
+impl FromFields for TaskInput {
+    fn from_fields(f: &mut Fields) -> Self {
+        TaskInput {
+            title: f.required("title", title),
+            description: f
+                .nullable("description", at_most::<DESCRIPTION_MAX_CHARS>)
+                .flatten(),
+            completed: f.optional("completed", any).unwrap_or(false),
         }
-        if self.offset.is_some_and(|o| o < 0) {
-            errors.push(field_error(
-                &["query", "offset"],
-                "Input should be greater than or equal to 0",
-                "greater_than_equal",
-            ));
+    }
+}
+
+impl FromFields for TaskPatch {
+    fn from_fields(f: &mut Fields) -> Self {
+        TaskPatch {
+            title: f.optional("title", title),
+            description: f.nullable("description", at_most::<DESCRIPTION_MAX_CHARS>),
+            completed: f.optional("completed", any),
         }
-        errors_or_ok(errors)
+    }
+}
+
+impl FromFields for TaskListQuery {
+    fn from_fields(f: &mut Fields) -> Self {
+        TaskListQuery {
+            status: f.optional("status", any).unwrap_or_default(),
+            sort: f.optional("sort", any).unwrap_or_default(),
+            order: f.optional("order", any).unwrap_or_default(),
+            q: f.optional("q", at_most::<SEARCH_MAX_CHARS>),
+            limit: f.optional("limit", limit),
+            offset: f.optional("offset", offset),
+        }
     }
 }
 
@@ -994,26 +1176,30 @@ impl From<actix_web::error::BlockingError> for ApiError {
 
 // ----- Extractors for bodies and queries --------------------------------------------------------
 //
-// actix's own `web::Json` / `web::Form` / `web::Query` report *that* parsing failed, not *where*.
-// FastAPI clients expect `loc` to name the field, so these parse through `serde_path_to_error`
-// and then run `Validate`.
+// actix's own `web::Json` / `web::Form` / `web::Query` report *that* parsing failed, not *where*,
+// and stop at the first problem. These read the input as name → value and then `FromFields`.
 
 const JSON_LIMIT: usize = 64 * 1024;
 const FORM_LIMIT: usize = 4 * 1024;
 
-/// A JSON body (`application/json`, at most 64 KiB), parsed and validated.
+/// A JSON body (`application/json`, at most 64 KiB), read and checked.
 struct Json<T>(T);
 
-/// A `application/x-www-form-urlencoded` body (at most 4 KiB), parsed and validated.
+/// A JSON body read but not yet looked at. Routes that need a token take this and `parse` it
+/// once they know who is asking, as FastAPI runs its auth dependency before it validates the
+/// body: a bad token is a 401 and a request for another user's tasks a 403 whatever the body,
+/// not a 422 that tells a stranger how the route validates. (Extractors run concurrently, and
+/// the first to fail decides the answer, so `CurrentUser` next to `Json` could not promise it.)
+struct JsonBody(Result<web::Bytes, ApiError>);
+
+/// A `application/x-www-form-urlencoded` body (at most 4 KiB), read and checked.
 struct Form<T>(T);
 
-/// The query string, parsed and validated.
-struct Query<T>(T);
-
-impl<T: DeserializeOwned + Validate + 'static> FromRequest for Json<T> {
+impl FromRequest for JsonBody {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
+    /// Never fails: what is wrong with the body (413, 415) waits for `parse`.
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let is_json = content_type(req).is_none_or(|mime| {
             mime == "application/json"
@@ -1022,58 +1208,53 @@ impl<T: DeserializeOwned + Validate + 'static> FromRequest for Json<T> {
         let body = read_body(req, payload.take(), JSON_LIMIT);
         async move {
             if !is_json {
-                return Err(ApiError::Status(
+                return Ok(JsonBody(Err(ApiError::Status(
                     StatusCode::UNSUPPORTED_MEDIA_TYPE,
                     "Unsupported media type: expected application/json".into(),
-                ));
+                ))));
             }
-            let bytes = body.await?;
-            Ok(Json(parse_json(&bytes)?))
+            Ok(JsonBody(body.await))
         }
         .boxed_local()
     }
 }
 
-/// Parses a JSON object body the way pydantic does: one object, nothing after it, errors
-/// located by field.
-fn parse_json<T: DeserializeOwned + Validate>(bytes: &[u8]) -> Result<T, ApiError> {
-    let body_error =
-        |msg: &str, kind: &str| ApiError::Invalid(vec![field_error(&["body"], msg, kind)]);
-    match bytes.trim_ascii_start().first() {
-        None => return Err(body_error("Field required", "missing")),
-        // serde would happily fill a struct from an array; FastAPI wants an object.
-        Some(b'{') => {}
-        Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
-            return Err(body_error(
-                "Input should be a valid dictionary or object to extract fields from",
-                "model_attributes_type",
-            ))
+impl JsonBody {
+    /// Parses a JSON object body the way pydantic does: one object, nothing after it, every
+    /// problem located by field.
+    fn parse<T: FromFields>(self) -> Result<T, ApiError> {
+        let bytes = self.0?;
+        let body_error =
+            |msg: &str, kind: &str| ApiError::Invalid(vec![field_error(&["body"], msg, kind)]);
+        match bytes.trim_ascii_start().first() {
+            None => return Err(body_error("Field required", "missing")),
+            Some(b'{') => {}
+            Some(b'[' | b'"' | b'-' | b'0'..=b'9' | b't' | b'f' | b'n') => {
+                return Err(body_error(
+                    "Input should be a valid dictionary or object to extract fields from",
+                    "model_attributes_type",
+                ))
+            }
+            Some(_) => return Err(body_error("JSON decode error", "json_invalid")),
         }
-        Some(_) => return Err(body_error("JSON decode error", "json_invalid")),
+        // Trailing bytes after the object are malformed JSON too, not something to ignore.
+        let object = serde_json::from_slice(&bytes)
+            .map_err(|_| body_error("JSON decode error", "json_invalid"))?;
+        Fields::parse("body", object)
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let mut value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let kind = if e.inner().is_syntax() || e.inner().is_eof() {
-            "json_invalid"
-        } else {
-            "value_error"
-        };
-        ApiError::Invalid(vec![deserialize_error(
-            "body",
-            e.path(),
-            &e.inner().to_string(),
-            kind,
-        )])
-    })?;
-    // Trailing bytes after the object are malformed JSON, not something to ignore.
-    deserializer
-        .end()
-        .map_err(|_| body_error("JSON decode error", "json_invalid"))?;
-    value.validate().map_err(ApiError::Invalid)?;
-    Ok(value)
 }
 
-impl<T: DeserializeOwned + Validate + 'static> FromRequest for Form<T> {
+impl<T: FromFields + 'static> FromRequest for Json<T> {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let body = JsonBody::from_request(req, payload);
+        async move { body.await?.parse().map(Json) }.boxed_local()
+    }
+}
+
+impl<T: FromFields + 'static> FromRequest for Form<T> {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
@@ -1086,74 +1267,25 @@ impl<T: DeserializeOwned + Validate + 'static> FromRequest for Form<T> {
         async move {
             let bytes = body.await?;
             let form: &[u8] = if is_form { &bytes } else { b"" };
-            parse_urlencoded(form, "body").map(Form)
+            // An empty form field counts as absent, as FastAPI has it (`grant_type=` is fine).
+            Fields::parse("body", urlencoded(form, false)).map(Form)
         }
         .boxed_local()
     }
 }
 
-impl<T: DeserializeOwned + Validate> FromRequest for Query<T> {
-    type Error = ApiError;
-    type Future = std::future::Ready<Result<Self, ApiError>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        std::future::ready(parse_urlencoded(req.query_string().as_bytes(), "query").map(Query))
-    }
+/// The query string, read and checked. A function rather than an extractor, so the task list
+/// checks the caller first, as the routes with a body do.
+fn query<T: FromFields>(req: &HttpRequest) -> Result<T, ApiError> {
+    Fields::parse("query", urlencoded(req.query_string().as_bytes(), true))
 }
 
-fn parse_urlencoded<T: DeserializeOwned + Validate>(
-    input: &[u8],
-    place: &str,
-) -> Result<T, ApiError> {
-    let deserializer = serde_urlencoded::Deserializer::new(form_urlencoded::parse(input));
-    let mut value: T = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        ApiError::Invalid(vec![deserialize_error(
-            place,
-            e.path(),
-            &e.inner().to_string(),
-            "value_error",
-        )])
-    })?;
-    value.validate().map_err(ApiError::Invalid)?;
-    Ok(value)
-}
-
-/// Turns a serde error into a FastAPI field error without echoing the submitted value, which
-/// could be a password.
-fn deserialize_error(
-    place: &str,
-    path: &serde_path_to_error::Path,
-    message: &str,
-    kind: &str,
-) -> FieldError {
-    let mut loc = vec![json!(place)];
-    for segment in path.iter() {
-        match segment {
-            serde_path_to_error::Segment::Seq { index } => loc.push(json!(index)),
-            serde_path_to_error::Segment::Map { key } => loc.push(json!(key)),
-            serde_path_to_error::Segment::Enum { variant } => loc.push(json!(variant)),
-            serde_path_to_error::Segment::Unknown => {}
-        }
-    }
-    let (msg, kind) = if let Some(field) = message
-        .strip_prefix("missing field `")
-        .and_then(|m| m.split('`').next())
-    {
-        loc.push(json!(field));
-        ("Field required".to_string(), "missing")
-    } else if let Some((_, expected)) = message.split_once(", expected ") {
-        let expected = expected.split(" at line ").next().unwrap_or(expected);
-        (format!("Input should be {expected}"), kind)
-    } else if kind == "json_invalid" {
-        ("JSON decode error".to_string(), kind)
-    } else {
-        ("Invalid value".to_string(), kind)
-    };
-    FieldError {
-        loc,
-        msg,
-        kind: kind.into(),
-    }
+/// `a=1&b=2` as name → value (text). A name given twice keeps its last value, as Starlette does.
+fn urlencoded(input: &[u8], keep_empty: bool) -> serde_json::Map<String, serde_json::Value> {
+    form_urlencoded::parse(input)
+        .filter(|(_, value)| keep_empty || !value.is_empty())
+        .map(|(name, value)| (name.into_owned(), value.into_owned().into()))
+        .collect()
 }
 
 fn content_type(req: &HttpRequest) -> Option<String> {
@@ -2306,6 +2438,90 @@ impl AppState {
 // =================================================================================================
 // 5. Routes
 // =================================================================================================
+//
+// The OpenAPI document (`/openapi.json`, `/docs`) is generated from this section: a `///` doc
+// comment on a route, or on a request/response type and its fields, becomes public text in it.
+// Notes meant for readers of the code go in `//` comments.
+
+// ----- Error responses, declared once ----------------------------------------------------------
+//
+// Each error status a route can send is one type here, with its own example, so Swagger UI shows
+// the message that status really carries. Routes list the ones they return; what is sent is
+// still decided by `ApiError::error_response`.
+
+use error_responses::*;
+
+/// Types that exist only to be listed in `responses(...)`: they are never built.
+mod error_responses {
+    #![allow(dead_code)]
+    use super::{ErrorDetail, IntoResponses, ValidationErrorBody};
+
+    /// Missing or invalid token
+    #[derive(IntoResponses)]
+    #[response(
+        status = 401,
+        headers(("WWW-Authenticate" = String, description = "`Bearer`")),
+        examples(
+            ("no token" = (value = json!({"detail": "Not authenticated"}))),
+            ("invalid token" = (value = json!({"detail": "Could not validate credentials"}))),
+        )
+    )]
+    pub struct Unauthorized(ErrorDetail);
+
+    /// Incorrect email or password
+    #[derive(IntoResponses)]
+    #[response(
+        status = 401,
+        headers(("WWW-Authenticate" = String, description = "`Bearer`")),
+        example = json!({"detail": "Incorrect email or password"})
+    )]
+    pub struct BadCredentials(ErrorDetail);
+
+    /// Too many failed attempts at a password (for this email, from this client, or for this user)
+    #[derive(IntoResponses)]
+    #[response(
+        status = 429,
+        headers(("Retry-After" = u64, description = "Seconds until another attempt is allowed")),
+        example = json!({"detail": "Too many login attempts"})
+    )]
+    pub struct TooManyAttempts(ErrorDetail);
+
+    /// `{user_id}` is another user
+    #[derive(IntoResponses)]
+    #[response(status = 403, example = json!({"detail": "Not allowed to access another user's tasks"}))]
+    pub struct NotYourTasks(ErrorDetail);
+
+    /// No such task of this user
+    #[derive(IntoResponses)]
+    #[response(status = 404, example = json!({"detail": "Task not found"}))]
+    pub struct TaskNotFound(ErrorDetail);
+
+    /// The email belongs to another account
+    #[derive(IntoResponses)]
+    #[response(status = 409, example = json!({"detail": "Email already registered"}))]
+    pub struct EmailTaken(ErrorDetail);
+
+    /// The body is larger than the limit (64 KiB for JSON, 4 KiB for forms)
+    #[derive(IntoResponses)]
+    #[response(status = 413, example = json!({"detail": "Request body is larger than 65536 bytes"}))]
+    pub struct BodyTooLarge(ErrorDetail);
+
+    /// The body is not `application/json`
+    #[derive(IntoResponses)]
+    #[response(status = 415, example = json!({"detail": "Unsupported media type: expected application/json"}))]
+    pub struct NotJson(ErrorDetail);
+
+    /// Validation error: every problem of the input, each located by `loc`
+    #[derive(IntoResponses)]
+    #[response(
+        status = 422,
+        example = json!({"detail": [
+            {"loc": ["body", "title"], "msg": "String should have at least 1 character", "type": "string_too_short"},
+            {"loc": ["body", "completed"], "msg": "Input should be a valid boolean", "type": "bool_type"},
+        ]})
+    )]
+    pub struct Invalid(ValidationErrorBody);
+}
 
 // ----- [health] ----------------------------------------------------------------------------------
 
@@ -2314,14 +2530,15 @@ impl AppState {
     tag = "health",
     responses(
         (status = 200, description = "The service and its database answer", body = Health),
-        (status = 503, description = "The database does not answer", body = Health),
+        (status = 503, description = "The database does not answer", body = Health,
+            example = json!({"status": "unavailable", "database": "no database connection became available in time"})),
     )
 )]
 #[get("/health")]
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     match state.db.ping().await {
         Ok(()) => HttpResponse::Ok().json(Health {
-            status: "ok",
+            status: HealthStatus::Ok,
             database: "ok".into(),
         }),
         Err(e) => {
@@ -2331,7 +2548,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
                 _ => "query failed".into(),
             };
             HttpResponse::ServiceUnavailable().json(Health {
-                status: "unavailable",
+                status: HealthStatus::Unavailable,
                 database: reason,
             })
         }
@@ -2346,10 +2563,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
     request_body = RegisterRequest,
     responses(
         (status = 201, description = "The new user", body = User),
-        (status = 409, description = "The email is taken", body = ErrorDetail),
-        (status = 413, description = "Body too large", body = ErrorDetail),
-        (status = 415, description = "Not JSON", body = ErrorDetail),
-        (status = 422, description = "Invalid email or password", body = ValidationErrorBody),
+        EmailTaken, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[post("/api/auth/register")]
@@ -2382,10 +2596,7 @@ async fn register(
     request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "A bearer token", body = TokenResponse),
-        (status = 401, description = "Incorrect email or password", body = ErrorDetail),
-        (status = 413, description = "Body too large", body = ErrorDetail),
-        (status = 422, description = "Missing fields", body = ValidationErrorBody),
-        (status = 429, description = "Too many failed logins", body = ErrorDetail),
+        BadCredentials, BodyTooLarge, Invalid, TooManyAttempts,
     )
 )]
 #[post("/token")]
@@ -2405,11 +2616,7 @@ async fn oauth2_token(
     request_body = LoginRequest,
     responses(
         (status = 200, description = "A bearer token", body = TokenResponse),
-        (status = 401, description = "Incorrect email or password", body = ErrorDetail),
-        (status = 413, description = "Body too large", body = ErrorDetail),
-        (status = 415, description = "Not JSON", body = ErrorDetail),
-        (status = 422, description = "Malformed body", body = ValidationErrorBody),
-        (status = 429, description = "Too many failed logins", body = ErrorDetail),
+        BadCredentials, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
     )
 )]
 #[post("/api/auth/login")]
@@ -2431,7 +2638,7 @@ async fn login(
     security(("bearer" = []), ("oauth2" = [])),
     responses(
         (status = 200, description = "The user", body = User),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        Unauthorized,
     )
 )]
 #[get("/api/users/me")]
@@ -2446,20 +2653,19 @@ async fn read_me(CurrentUser(user): CurrentUser) -> web::Json<User> {
     request_body = UserUpdate,
     responses(
         (status = 200, description = "The updated user", body = User),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 409, description = "The email is taken", body = ErrorDetail),
-        (status = 422, description = "Invalid input", body = ValidationErrorBody),
+        Unauthorized, EmailTaken, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[patch("/api/users/me")]
 async fn update_me(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
-    Json(body): Json<UserUpdate>,
+    body: JsonBody,
 ) -> Result<web::Json<User>, ApiError> {
+    let body: UserUpdate = body.parse()?;
     let changes = UserChanges {
         name: body.name,
-        email: body.email.flatten(),
+        email: body.email,
         updated_at: now(),
     };
     let updated = db!(state.db, write, |conn| async {
@@ -2485,18 +2691,18 @@ async fn update_me(
     request_body = PasswordChange,
     responses(
         (status = 204, description = "Changed; tokens issued before now no longer work"),
-        (status = 400, description = "The current password is wrong", body = ErrorDetail),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 422, description = "The new password is invalid", body = ValidationErrorBody),
-        (status = 429, description = "Too many wrong current passwords", body = ErrorDetail),
+        (status = 400, description = "The current password is wrong", body = ErrorDetail,
+            example = json!({"detail": "Incorrect password"})),
+        Unauthorized, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
     )
 )]
 #[put("/api/users/me/password")]
 async fn change_password(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
-    Json(body): Json<PasswordChange>,
+    body: JsonBody,
 ) -> Result<HttpResponse, ApiError> {
+    let body: PasswordChange = body.parse()?;
     // Guessing the current password with a stolen token is throttled like logins.
     let guesses = Bucket::PasswordOf(&user.id);
     state.db.take_attempt(guesses).await?;
@@ -2542,7 +2748,7 @@ async fn change_password(
     security(("bearer" = []), ("oauth2" = [])),
     responses(
         (status = 204, description = "Deleted; the account's tokens no longer work"),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
+        Unauthorized,
     )
 )]
 #[delete("/api/users/me")]
@@ -2610,9 +2816,7 @@ fn like_pattern(search: &str) -> String {
     responses(
         (status = 200, description = "One page of tasks", body = Vec<Task>,
             headers(("X-Total-Count" = i64, description = "Matching tasks before limit/offset"))),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 422, description = "Invalid query", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, Invalid,
     )
 )]
 #[get("/api/{user_id}/tasks")]
@@ -2620,9 +2824,10 @@ async fn list_tasks(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
     path: web::Path<String>,
-    Query(query): Query<TaskListQuery>,
+    req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&user, &path)?;
+    let query: TaskListQuery = query(&req)?;
     let limit = query.limit.unwrap_or(100);
     let offset = query.offset.unwrap_or(0);
     let pattern = query
@@ -2704,9 +2909,7 @@ async fn list_tasks(
     responses(
         (status = 201, description = "The new task", body = Task,
             headers(("Location" = String, description = "/api/{user_id}/tasks/{id}"))),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 422, description = "Invalid task", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[post("/api/{user_id}/tasks")]
@@ -2714,9 +2917,10 @@ async fn create_task(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
     path: web::Path<String>,
-    Json(body): Json<TaskInput>,
+    body: JsonBody,
 ) -> Result<HttpResponse, ApiError> {
     let owner = owner(&user, &path)?;
+    let body: TaskInput = body.parse()?;
     let time = now();
     let new_task = NewTask {
         user_id: owner,
@@ -2745,10 +2949,7 @@ async fn create_task(
     params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
     responses(
         (status = 200, description = "The task", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
     )
 )]
 #[get("/api/{user_id}/tasks/{id}")]
@@ -2794,10 +2995,7 @@ async fn update_task(
     request_body = TaskInput,
     responses(
         (status = 200, description = "The replaced task", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "Invalid task", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[put("/api/{user_id}/tasks/{id}")]
@@ -2805,9 +3003,10 @@ async fn replace_task(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
     path: web::Path<(String, i64)>,
-    Json(body): Json<TaskInput>,
+    body: JsonBody,
 ) -> Result<web::Json<Task>, ApiError> {
     let (owner, id) = task_path(&user, path)?;
+    let body: TaskInput = body.parse()?;
     let changes = TaskChanges {
         title: Some(body.title),
         description: Some(body.description),
@@ -2825,10 +3024,7 @@ async fn replace_task(
     request_body = TaskPatch,
     responses(
         (status = 200, description = "The updated task", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "Invalid fields", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
     )
 )]
 #[patch("/api/{user_id}/tasks/{id}")]
@@ -2836,13 +3032,14 @@ async fn patch_task(
     state: web::Data<AppState>,
     CurrentUser(user): CurrentUser,
     path: web::Path<(String, i64)>,
-    Json(body): Json<TaskPatch>,
+    body: JsonBody,
 ) -> Result<web::Json<Task>, ApiError> {
     let (owner, id) = task_path(&user, path)?;
+    let body: TaskPatch = body.parse()?;
     let changes = TaskChanges {
-        title: body.title.flatten(),
+        title: body.title,
         description: body.description,
-        completed: body.completed.flatten(),
+        completed: body.completed,
         updated_at: now(),
     };
     update_task(&state, owner, id, changes).await
@@ -2855,10 +3052,7 @@ async fn patch_task(
     params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
     )
 )]
 #[delete("/api/{user_id}/tasks/{id}")]
@@ -2885,10 +3079,7 @@ async fn delete_task(
     params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
     responses(
         (status = 200, description = "The task with `completed` flipped", body = Task),
-        (status = 401, description = "Missing or invalid token", body = ErrorDetail),
-        (status = 403, description = "Another user's tasks", body = ErrorDetail),
-        (status = 404, description = "No such task of this user", body = ErrorDetail),
-        (status = 422, description = "The id is not an integer", body = ValidationErrorBody),
+        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
     )
 )]
 #[patch("/api/{user_id}/tasks/{id}/complete")]
@@ -2917,13 +3108,16 @@ async fn toggle_task(
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Todo API", description = "Tasks per user, behind JWT bearer auth."),
+    // Relative: the document is right wherever the server is reached (Swagger UI, a proxy).
+    servers((url = "/", description = "This server")),
     tags(
         (name = "health", description = "Service and database status"),
         (name = "auth", description = "Accounts and tokens"),
         (name = "users", description = "The signed-in user"),
         (name = "tasks", description = "The signed-in user's tasks"),
     ),
-    components(schemas(StatusFilter, SortKey, SortOrder)),
+    // The error bodies: the error response types above refer to them but do not register them.
+    components(schemas(ErrorDetail, ValidationErrorBody, FieldError)),
     modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
@@ -2950,6 +3144,51 @@ impl Modify for SecuritySchemes {
             ))])),
         );
     }
+}
+
+/// The OpenAPI document of every route in `api_routes`, with what utoipa 6's attributes cannot
+/// say added here (it runs after the routes are collected, which `modifiers(...)` does not).
+fn openapi_document() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::RefOr;
+    let (_, mut openapi) = App::new()
+        .into_utoipa_app()
+        .openapi(ApiDoc::openapi())
+        .configure(api_routes)
+        .split_for_parts();
+    for item in openapi.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            // A route that names no security scheme is public: say so (`security: []`), so
+            // generated clients and linters do not have to guess.
+            operation.security.get_or_insert_with(Vec::new);
+            // Every header this API declares is sent on every such response. utoipa 6's
+            // `Header` has no `required` field, so it goes in through the extensions map.
+            let headers = operation
+                .responses
+                .responses
+                .values_mut()
+                .filter_map(|response| match response {
+                    RefOr::T(response) => Some(response.headers.values_mut()),
+                    RefOr::Ref(_) => None,
+                })
+                .flatten();
+            for header in headers {
+                if let RefOr::T(header) = header {
+                    header
+                        .extensions
+                        .get_or_insert_with(Default::default)
+                        .insert("required".into(), json!(true));
+                }
+            }
+        }
+    }
+    openapi
 }
 
 /// Registers every API route; the OpenAPI document is generated from this same list, so a
@@ -3179,11 +3418,7 @@ async fn serve(config: Config) -> Result<(), String> {
         body_timeout: config.body_timeout,
     });
 
-    let (_, openapi) = App::new()
-        .into_utoipa_app()
-        .openapi(ApiDoc::openapi())
-        .configure(api_routes)
-        .split_for_parts();
+    let openapi = openapi_document();
     let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
     let cors_origins = config.cors_origins.clone();
 

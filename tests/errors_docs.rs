@@ -1,6 +1,6 @@
 //! Issue 5: every failure path answers JSON in the contract's shape, the security headers,
-//! CORS for browsers, and the OpenAPI document / Swagger UI (API.md: "Conventions",
-//! "Limits and headers", "[docs]").
+//! CORS for browsers, and the OpenAPI document / Swagger UI (README, "The API": "Errors",
+//! "Limits", "/docs and /openapi.json").
 
 mod common;
 use common::*;
@@ -139,7 +139,7 @@ fn is_ci() -> bool {
 // The contract's routes
 // ---------------------------------------------------------------------------------------------
 
-/// Every route of API.md except the docs routes themselves, as (method, path) with the task id
+/// Every route of the contract (README, "The API") except the docs routes themselves, as (method, path) with the task id
 /// parameter normalized to `{id}`.
 const CONTRACT_ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
@@ -162,7 +162,7 @@ const CONTRACT_ROUTES: &[(&str, &str)] = &[
 /// The docs routes; the document may or may not describe itself.
 const DOCS_ROUTES: &[(&str, &str)] = &[("GET", "/openapi.json"), ("GET", "/docs")];
 
-/// Statuses each route can return per API.md (the document may list more).
+/// Statuses each route can return per the contract (the document may list more).
 fn contract_statuses(method: &str, path: &str) -> &'static [&'static str] {
     match (method, path) {
         ("GET", "/health") => &["200", "503"],
