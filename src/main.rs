@@ -1438,25 +1438,13 @@ impl bb8::ErrorSink<PoolError> for ConnectFailures {
 type PgConnection<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 impl PgDatabase {
-    /// A live pooled connection, or 503 as soon as an attempt to open one fails.
+    /// A live pooled connection, or 503 as soon as the server is known to refuse connections.
     async fn connection(&self) -> Result<PgConnection<'_>, ApiError> {
         use diesel_async::pooled_connection::PoolableConnection;
         // Connections the server closed (a restart, say) are still idle in the pool: skip them
         // rather than fail a request on each. Dropping one tells bb8 it is broken.
         for _ in 0..=self.pool.state().connections {
-            let failed = std::pin::pin!(self.connect_failures.happened.notified());
-            let checkout = std::pin::pin!(self.pool.get());
-            let mut conn = match futures_util::future::select(checkout, failed).await {
-                Either::Left((conn, _)) => conn?,
-                Either::Right(_) => {
-                    let failures = &self.connect_failures;
-                    let cause = failures
-                        .last_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
-                    return Err(ApiError::Unavailable(format!("cannot connect: {cause}")));
-                }
-            };
+            let mut conn = self.checkout().await?;
             if !conn.is_broken() {
                 return Ok(conn);
             }
@@ -1464,6 +1452,28 @@ impl PgDatabase {
         Err(ApiError::Unavailable(
             "every pooled connection was closed".into(),
         ))
+    }
+
+    /// Waits for a pooled connection. A failed connection attempt ends the wait only when the
+    /// pool has no connection left that could come back: while others are merely busy, a
+    /// transient failure (a slow handshake on a loaded machine) must not fail every waiter.
+    async fn checkout(&self) -> Result<PgConnection<'_>, ApiError> {
+        let mut checkout = std::pin::pin!(self.pool.get());
+        loop {
+            let failed = std::pin::pin!(self.connect_failures.happened.notified());
+            match futures_util::future::select(checkout.as_mut(), failed).await {
+                Either::Left((conn, _)) => return Ok(conn?),
+                Either::Right(_) if self.pool.state().connections == 0 => {
+                    let failures = &self.connect_failures;
+                    let cause = failures
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    return Err(ApiError::Unavailable(format!("cannot connect: {cause}")));
+                }
+                Either::Right(_) => {}
+            }
+        }
     }
 }
 
