@@ -3384,7 +3384,7 @@ fn init_logging() {
 }
 
 fn main() {
-    disable_sqlite_memory_statistics();
+    configure_sqlite();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -3517,21 +3517,51 @@ async fn serve(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// SQLite keeps allocation statistics behind one process-wide mutex, taken on every malloc and
-/// free; under concurrent readers that lock is the hottest spot in a profile. Nothing here reads
-/// the statistics, so turn them off. Must run before SQLite initializes (the first connection).
-fn disable_sqlite_memory_statistics() {
+/// Process-wide SQLite settings, made before the first connection opens.
+///
+/// - Allocation statistics off: SQLite keeps them behind one process-wide mutex, taken on every
+///   malloc and free; under concurrent readers that lock was the hottest spot in a profile, and
+///   nothing here reads them.
+/// - Every connection gets the query planner stability guarantee (QPSG). Without it, a
+///   statement whose plan *could* depend on a bound value (`LIMIT ?`, `LIKE ?`, a comparison
+///   with an indexed column when STAT4 is compiled in, as the bundled SQLite is) is thrown away
+///   and compiled again whenever its parameters change — on every request, so diesel's
+///   prepared-statement cache never got a hit and SQL was parsed each time. Plans here do not
+///   depend on values (no ANALYZE statistics), so nothing is lost.
+fn configure_sqlite() {
+    unsafe extern "C" fn enable_qpsg(
+        db: *mut libsqlite3_sys::sqlite3,
+        _error: *mut *mut std::ffi::c_char,
+        _api: *const libsqlite3_sys::sqlite3_api_routines,
+    ) -> std::ffi::c_int {
+        // SAFETY: SQLite calls this with the connection it is opening; ENABLE_QPSG takes an
+        // int (1: on) and an int pointer for the new setting, which may be null.
+        unsafe {
+            libsqlite3_sys::sqlite3_db_config(
+                db,
+                libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_QPSG,
+                1 as std::ffi::c_int,
+                std::ptr::null_mut::<std::ffi::c_int>(),
+            )
+        }
+    }
     // SAFETY: sqlite3_config is documented as callable before sqlite3_initialize, which has not
     // run yet (no connection has been opened); the argument is the int MEMSTATUS expects.
-    let rc = unsafe {
-        libsqlite3_sys::sqlite3_config(
-            libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
-            0 as std::ffi::c_int,
+    // sqlite3_auto_extension takes a function with the entry-point signature above.
+    let (memstatus, qpsg) = unsafe {
+        (
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::ffi::c_int,
+            ),
+            libsqlite3_sys::sqlite3_auto_extension(Some(enable_qpsg)),
         )
     };
-    // Not OK only if SQLite were already initialized; the statistics then stay on, which is
-    // slower but harmless.
-    debug_assert_eq!(rc, libsqlite3_sys::SQLITE_OK);
+    // Not OK only if SQLite were already initialized: slower, but still correct.
+    debug_assert_eq!(
+        (memstatus, qpsg),
+        (libsqlite3_sys::SQLITE_OK, libsqlite3_sys::SQLITE_OK)
+    );
 }
 
 async fn shutdown_signal() {
