@@ -1473,7 +1473,7 @@ type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 #[derive(Clone)]
 enum Database {
     Sqlite(Arc<SqliteDatabase>),
-    Postgres(Arc<PgDatabase>),
+    Postgres(Arc<PgSettings>),
 }
 
 /// SQLite, run inline on the worker threads (see `OnWorkerThread`).
@@ -1535,6 +1535,68 @@ fn finish_inline<T>(
         ApiError::Internal("a SQLite statement waited for something other than SQLite".into())
     })?;
     Ok(result?)
+}
+
+/// How to reach PostgreSQL. Each thread that uses it builds a pool of its own from these.
+struct PgSettings {
+    url: String,
+    /// Connections per thread's pool: `DATABASE_POOL_SIZE` shared out among the workers.
+    pool_size: u32,
+    timeout: Duration,
+}
+
+thread_local! {
+    static PG_POOL: std::cell::OnceCell<std::rc::Rc<PgDatabase>> = const { std::cell::OnceCell::new() };
+}
+
+impl PgSettings {
+    /// This thread's pool, built on first use.
+    ///
+    /// tokio-postgres drives each connection with a task on the runtime that opened it. With a
+    /// pool per worker thread, a query and its connection's I/O run on one thread — no hop to
+    /// another thread and back for every statement — and a worker that stops at shutdown takes
+    /// only its own, idle connections with it, never one another worker is still using.
+    fn pool_here(&self) -> std::rc::Rc<PgDatabase> {
+        PG_POOL.with(|pool| pool.get_or_init(|| self.open_pool().into()).clone())
+    }
+
+    fn open_pool(&self) -> PgDatabase {
+        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+        let timeout = self.timeout;
+        // A server that accepts the TCP connection but never answers (frozen) would hold the
+        // attempt forever: it is given up after the timeout.
+        manager_config.custom_setup = Box::new(move |url| {
+            actix_web::rt::time::timeout(timeout, connect_postgres(url.to_string()))
+                .map(|attempt| {
+                    attempt.unwrap_or_else(|_| {
+                        Err(diesel::ConnectionError::BadConnection(
+                            "the server did not answer in time".into(),
+                        ))
+                    })
+                })
+                .boxed()
+        });
+        let manager = AsyncDieselConnectionManager::new_with_config(&self.url, manager_config);
+        let connect_failures = ConnectFailures::default();
+        let pool = bb8::Pool::builder()
+            .max_size(self.pool_size)
+            // A connection kept open, so a burst does not start from nothing.
+            .min_idle(Some(1))
+            .connection_timeout(timeout)
+            // A failed attempt is reported (and the request answered) at once; the next request
+            // tries again.
+            .retry_connection(false)
+            .error_sink(Box::new(connect_failures.clone()))
+            // A dead connection is dropped on return (diesel-async checks the socket), so there
+            // is no need to pay a round trip to test each one on checkout.
+            .test_on_check_out(false)
+            .build_unchecked(manager);
+        PgDatabase {
+            pool,
+            timeout,
+            connect_failures,
+        }
+    }
 }
 
 /// A PostgreSQL pool that fails fast: a server that refuses connections gets its 503 at once,
@@ -1621,7 +1683,8 @@ macro_rules! db {
     ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
         match &$database {
             Database::Sqlite(sqlite) => sqlite.$role(|$conn| $query.now_or_never()).await,
-            Database::Postgres(pg) => {
+            Database::Postgres(settings) => {
+                let pg = settings.pool_here();
                 let answer = async {
                     let mut pooled = pg.connection().await?;
                     let $conn = &mut *pooled;
@@ -1659,30 +1722,11 @@ impl Database {
             }
             DatabaseUrl::Postgres(url) => {
                 migrations = migrate_postgres(url).await?;
-                let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
-                let timeout = config.database_timeout;
-                manager_config.custom_setup =
-                    Box::new(move |url| connect_postgres_on_main(url.to_string(), timeout));
-                let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
-                let size = config.pool_size.unwrap_or(10);
-                let connect_failures = ConnectFailures::default();
-                let pool = bb8::Pool::builder()
-                    .max_size(size)
-                    // A couple of connections kept open, so a burst does not start from nothing.
-                    .min_idle(Some(size.min(2)))
-                    .connection_timeout(config.database_timeout)
-                    // A failed attempt is reported (and the request answered) at once; the
-                    // next request tries again.
-                    .retry_connection(false)
-                    .error_sink(Box::new(connect_failures.clone()))
-                    // A dead connection is dropped on return (diesel-async checks the socket),
-                    // so there is no need to pay a round trip to test each one on checkout.
-                    .test_on_check_out(false)
-                    .build_unchecked(manager);
-                Database::Postgres(Arc::new(PgDatabase {
-                    pool,
+                let total = config.pool_size.unwrap_or(10);
+                Database::Postgres(Arc::new(PgSettings {
+                    url: url.clone(),
+                    pool_size: total.div_ceil(worker_threads() as u32),
                     timeout: config.database_timeout,
-                    connect_failures,
                 }))
             }
         };
@@ -1744,40 +1788,6 @@ async fn migrate_postgres(url: &str) -> Result<usize, String> {
     })
     .await
     .map_err(|e| e.to_string())?
-}
-
-/// Opens a pooled PostgreSQL connection from the main arbiter.
-///
-/// tokio-postgres drives each connection with a task on the runtime that opened it. bb8 opens
-/// connections from whichever actix worker needs one, and at shutdown an idle worker stops while
-/// another still finishes its requests: connections opened there would die under them. The main
-/// arbiter runs until every worker is done.
-///
-/// A server that accepts the TCP connection but never answers (frozen) would hold the attempt
-/// forever: it is given up after `timeout`.
-fn connect_postgres_on_main(
-    url: String,
-    timeout: Duration,
-) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    actix_web::rt::System::current()
-        .arbiter()
-        .spawn(async move {
-            let attempt = actix_web::rt::time::timeout(timeout, connect_postgres(url));
-            let _ = sender.send(attempt.await.unwrap_or_else(|_| {
-                Err(diesel::ConnectionError::BadConnection(
-                    "the server did not answer in time".into(),
-                ))
-            }));
-        });
-    async move {
-        receiver.await.unwrap_or_else(|_| {
-            Err(diesel::ConnectionError::BadConnection(
-                "the server is stopping".into(),
-            ))
-        })
-    }
-    .boxed()
 }
 
 fn postgres_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
@@ -2208,7 +2218,7 @@ struct PasswordHasher {
 
 impl PasswordHasher {
     fn new(cost: u32) -> Result<PasswordHasher, String> {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cores = worker_threads();
         Ok(PasswordHasher {
             cost,
             permits: tokio::sync::Semaphore::new(cores),
@@ -3473,6 +3483,12 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
 /// status, size, time.
 const ACCESS_LOG_FORMAT: &str = r#"%a "%{method}xi %U" %s %b %Dms"#;
 
+/// One worker thread per core, as actix does by default; the PostgreSQL pools and the bcrypt
+/// permits are sized from the same number.
+fn worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
 /// File descriptors kept for everything but client connections: the database, logs, bcrypt's
 /// threads, the JWKS client.
 const RESERVED_FILES: u64 = 128;
@@ -3561,7 +3577,7 @@ async fn serve(config: Config) -> Result<(), String> {
     // idle clients exhaust; raise it to the hard limit, and accept no more connections than
     // it leaves room for (the rest wait in the listen queue until one closes).
     let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let workers = worker_threads();
     let max_connections = config
         .max_connections
         .min(open_files.saturating_sub(RESERVED_FILES) as usize)
