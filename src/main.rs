@@ -2979,9 +2979,10 @@ async fn list_tasks(
         }};
     }
 
-    // The page first; a page that is not full already tells the total, so only a full page (or
-    // an empty one past the end) pays for a COUNT. (A window count on every row looks like one
-    // round trip, but makes SQLite materialize and sort every matching row: slower.)
+    // The page first, with one row more than asked for: when that row is not there, the page
+    // already tells the total, so only a page with more after it (or an empty one past the end)
+    // pays for a COUNT. (A window count on every row looks like one round trip, but makes
+    // SQLite materialize and sort every matching row: slower.)
     let (page, total): (Vec<Task>, i64) = db!(state.db, read, |conn| async {
         let ordered = match (query.sort, query.order) {
             (SortKey::Created, SortOrder::Asc) => {
@@ -3003,16 +3004,17 @@ async fn list_tasks(
                 matching_tasks!().order((tasks::title.desc(), tasks::id.desc()))
             }
         };
-        let page: Vec<Task> = ordered
+        let mut page: Vec<Task> = ordered
             .select(Task::as_select())
-            .limit(limit)
+            .limit(limit + 1)
             .offset(offset)
             .load(conn)
             .await?;
-        let shown = page.len() as i64;
-        let total = if shown < limit && (shown > 0 || offset == 0) {
-            offset + shown
+        let fetched = page.len() as i64;
+        let total = if fetched <= limit && (fetched > 0 || offset == 0) {
+            offset + fetched
         } else {
+            page.truncate(limit as usize);
             matching_tasks!().count().get_result(conn).await?
         };
         Ok::<_, diesel::result::Error>((page, total))
