@@ -571,7 +571,6 @@ def main():
     signal.signal(signal.SIGTERM, on_signal)
     try:
         need("wrk", "wrk")
-        need("curl", "curl")
         use_pg = not args.no_postgres
         if use_pg:
             need("psql", "postgresql-client")
@@ -825,8 +824,8 @@ def report(args, servers, bare, results, flood, peaks, alive, pg_stmts, warm_pro
         print()
 
     if flood:
-        print(f"-- login flood: {args.flood_connections} connections on POST /token (bcrypt 12, right password) "
-              f"beside the list at -c{args.connections}")
+        print(f"-- login flood: {args.flood_connections} connections on POST /token (bcrypt 12, right password, "
+              f"round-robin over {args.flood_connections} accounts) beside the list at -c{args.connections}")
         rows = []
         for name, runs in flood.items():
             idle = med[(name, "list")]

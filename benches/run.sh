@@ -31,7 +31,7 @@
 # as a user who can read it. --no-postgres runs SQLite only.
 #
 # Only 127.0.0.1 is targeted. Every server and wrk started here is stopped on exit (SIGTERM,
-# then SIGKILL). Needs: cargo, python3, curl, wrk, psql and pgbench (installed with apt-get
+# then SIGKILL). Needs: cargo, python3, wrk, psql and pgbench (installed with apt-get
 # when missing and running as root: wrk, postgresql-client, postgresql-contrib); the Python
 # original's packages go into benches/.venv (pip, benches/python_original/requirements.txt).
 #
