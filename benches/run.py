@@ -113,6 +113,8 @@ def parse_args():
         p.error("--reps must be 1..9")
     if not 0 <= a.warmup <= 30:
         p.error("--warmup must be 0..30 seconds")
+    if not 1 <= a.flood_connections * a.reps <= 250:
+        p.error("--flood-connections times --reps must be 1..250 (one account and address each)")
     if not 1 <= a.threads <= min(a.connections, a.python_connections):
         p.error("--threads must be between 1 and the number of connections")
     return a
@@ -587,8 +589,10 @@ def main():
         py = None if args.no_python else ensure_venv()
 
         secret = secrets.token_hex(32)
+        # TRUSTED_PROXIES: the login flood gives each account its own client address in
+        # X-Forwarded-For (see benches/wrk/token_form.lua); nothing else reads it.
         rust_env = dict(base_env(), JWT_SECRET=secret, RUST_LOG="warn", HOST="127.0.0.1",
-                        ACCESS_TOKEN_EXPIRE_MINUTES="600")
+                        ACCESS_TOKEN_EXPIRE_MINUTES="600", TRUSTED_PROXIES="127.0.0.1")
         py_env = dict(base_env(), JWT_SECRET=secret, ACCESS_TOKEN_EXPIRE_MINUTES="600", PYTHONDONTWRITEBYTECODE="1")
         py_cmd = [py or "python3", "-m", "uvicorn", "app:app", "--app-dir", os.path.join(BENCH, "python_original"),
                   "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
@@ -625,7 +629,9 @@ def main():
                 # seeded and each scenario is sent a few times; then it restarts without logging.
                 psql(admin, f'ALTER DATABASE "{rust_db}" SET log_statement = \'all\'')
             s.start()
-            s.seed(args.flood_connections if s.kind == "rust" and not args.no_flood else 0)
+            # Fresh flood accounts for each run: a login cut off at the end of a run keeps its
+            # throttle slot for a minute.
+            s.seed(args.flood_connections * args.reps if s.kind == "rust" and not args.no_flood else 0)
             log(f"  {name}: 127.0.0.1:{s.port}, pid {s.pid}, seeded")
         if use_pg:
             s = servers["rust-pg"]
@@ -685,11 +691,16 @@ def main():
                 s = servers[name]
                 log(f"login flood on {name}: {args.flood_connections} connections on POST /token beside the list")
                 for rep in range(1, args.reps + 1):
+                    first = (rep - 1) * args.flood_connections
+                    accounts = s.flooders[first:first + args.flood_connections]
                     f_out = open(os.path.join(tmp, f"wrk.{name}.flood-token.{rep}.txt"), "w")
                     fl_cmd = wrk_cmd(args, s.base + "/token", "token_form.lua", args.flood_connections,
                                      args.duration + 3, timeout="20s")
                     fl = subprocess.Popen(fl_cmd, env=wrk_env(args, extra={
-                        "BENCH_USERNAMES": ",".join(s.flooders), "BENCH_PASSWORD": PASSWORD}),
+                        "BENCH_USERNAMES": ",".join(accounts),
+                        # TEST-NET-1 (RFC 5737): only header text, one client address per account.
+                        "BENCH_FORWARDED_FOR": ",".join(f"192.0.2.{first + i + 1}" for i in range(len(accounts))),
+                        "BENCH_PASSWORD": PASSWORD}),
                         stdout=f_out, stderr=subprocess.STDOUT)
                     PROCS["flood"] = fl
                     time.sleep(1.5)  # the flood is at full strength
@@ -825,7 +836,7 @@ def report(args, servers, bare, results, flood, peaks, alive, pg_stmts, warm_pro
 
     if flood:
         print(f"-- login flood: {args.flood_connections} connections on POST /token (bcrypt 12, right password, "
-              f"round-robin over {args.flood_connections} accounts) beside the list at -c{args.connections}")
+              f"round-robin over {args.flood_connections} accounts and client addresses) beside the list at -c{args.connections}")
         rows = []
         for name, runs in flood.items():
             idle = med[(name, "list")]
