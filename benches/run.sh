@@ -16,7 +16,9 @@
 #   the Python original (benches/python_original: FastAPI + SQLModel under uvicorn, 1 worker)
 #       on both backends, at -c10 (the typical sync app deadlocks above ~15 connections);
 #   a login flood: 16 connections on POST /token (bcrypt 12, right password) beside the list,
-#       its throughput as a share of the idle list and its p99;
+#       its throughput as a share of the idle list and its p99. The flood rotates over fresh
+#       accounts, each with its own X-Forwarded-For address (the server runs with
+#       TRUSTED_PROXIES=127.0.0.1): logins cut off when wrk stops keep their throttle slots;
 #   requests/s, p50, p99, non-2xx, socket errors, the ratio to the ceiling next to the targets,
 #   and each server's RSS after startup and peak (VmHWM from /proc/PID/status).
 #
@@ -27,8 +29,9 @@
 # can create databases; default $BENCH_POSTGRES_URL, else
 # postgres://postgres:postgres@127.0.0.1:5432/postgres. Scratch databases todo_bench_* are
 # created there and dropped on exit. Capturing the statements reads the server's log (default
-# the newest /var/log/postgresql/postgresql-*-main.log, else --pg-log FILE), so run as root or
-# as a user who can read it. --no-postgres runs SQLite only.
+# the newest /var/log/postgresql/postgresql-*-main.log, else --pg-log FILE; its lines must show
+# user@database, as Debian's log_line_prefix '%m [%p] %q%u@%d ' does), so run as root or as a
+# user who can read it. --no-postgres runs SQLite only.
 #
 # Only 127.0.0.1 is targeted. Every server and wrk started here is stopped on exit (SIGTERM,
 # then SIGKILL). Needs: cargo, python3, wrk, psql and pgbench (installed with apt-get
