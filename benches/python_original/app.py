@@ -1,6 +1,7 @@
 """A minimal stand-in for the Python original (FastAPI + SQLModel + PyJWT + bcrypt).
 
-Only what benches/run.sh exercises: register, login, users/me, list and create tasks.
+Only what benches/run.sh exercises: register, login (JSON and the OAuth2 form on /token),
+users/me, list, create and read one task, toggle a task's completion.
 Written the way such an app usually is: sync endpoints (FastAPI runs them in its thread
 pool), one SQLModel Session per request through a Depends, and a get_current_user
 dependency that decodes the JWT and loads the user from the database on every request.
@@ -24,7 +25,7 @@ from typing import Annotated
 import bcrypt
 import jwt
 from fastapi import Depends, FastAPI, HTTPException, Query, Response, status
-from fastapi.security import OAuth2PasswordBearer
+from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from pydantic import EmailStr
 from sqlalchemy import event
 from sqlmodel import Field, Session, SQLModel, create_engine, func, select
@@ -185,10 +186,9 @@ def register(data: UserCreate, session: SessionDep):
     return user
 
 
-@app.post("/api/auth/login", response_model=Token, tags=["auth"])
-def login(data: LoginRequest, session: SessionDep, response: Response):
-    user = session.exec(select(User).where(User.email == data.email.strip().lower())).first()
-    if not user or not bcrypt.checkpw(data.password.encode(), user.hashed_password.encode()):
+def authenticate(session: Session, email: str, password: str, response: Response) -> Token:
+    user = session.exec(select(User).where(User.email == email.strip().lower())).first()
+    if not user or not bcrypt.checkpw(password.encode(), user.hashed_password.encode()):
         raise HTTPException(
             status_code=401,
             detail="Incorrect email or password",
@@ -196,6 +196,16 @@ def login(data: LoginRequest, session: SessionDep, response: Response):
         )
     response.headers["Cache-Control"] = "no-store"
     return Token(access_token=create_access_token(user.id), expires_in=ACCESS_TOKEN_EXPIRE_MINUTES * 60)
+
+
+@app.post("/api/auth/login", response_model=Token, tags=["auth"])
+def login(data: LoginRequest, session: SessionDep, response: Response):
+    return authenticate(session, data.email, data.password, response)
+
+
+@app.post("/token", response_model=Token, tags=["auth"])
+def token(form: Annotated[OAuth2PasswordRequestForm, Depends()], session: SessionDep, response: Response):
+    return authenticate(session, form.username, form.password, response)
 
 
 @app.get("/api/users/me", response_model=UserRead, tags=["users"])
@@ -236,4 +246,29 @@ def create_task(user_id: str, data: TaskCreate, response: Response, current_user
     session.commit()
     session.refresh(task)
     response.headers["Location"] = f"/api/{user_id}/tasks/{task.id}"
+    return task
+
+
+def owned_task(session: Session, task_id: int, current_user: User) -> Task:
+    task = session.get(Task, task_id)
+    if task is None or task.user_id != current_user.id:
+        raise HTTPException(status_code=404, detail="Task not found")
+    return task
+
+
+@app.get("/api/{user_id}/tasks/{task_id}", response_model=TaskRead, tags=["tasks"])
+def read_task(user_id: str, task_id: int, current_user: CurrentUser, session: SessionDep):
+    ensure_owner(user_id, current_user)
+    return owned_task(session, task_id, current_user)
+
+
+@app.patch("/api/{user_id}/tasks/{task_id}/complete", response_model=TaskRead, tags=["tasks"])
+def toggle_task(user_id: str, task_id: int, current_user: CurrentUser, session: SessionDep):
+    ensure_owner(user_id, current_user)
+    task = owned_task(session, task_id, current_user)
+    task.completed = not task.completed
+    task.updated_at = utcnow()
+    session.add(task)
+    session.commit()
+    session.refresh(task)
     return task
