@@ -307,7 +307,12 @@ def wrk_env(args, token=None, extra=None):
 
 def run_wrk(args, tmp, tag, server, scen, duration, conns):
     _method, path, token, script = server.request(scen)
-    cmd = wrk_cmd(args, server.base + path, script, conns, duration)
+    return wrk_once(args, tmp, tag, server.base + path, script, token, conns, duration)
+
+
+def wrk_once(args, tmp, tag, url, script, token, conns, duration):
+    """One wrk run, its output kept in tmp; the parsed figures."""
+    cmd = wrk_cmd(args, url, script, conns, duration)
     out = subprocess.run(cmd, env=wrk_env(args, token), capture_output=True, text=True, timeout=duration + 60)
     with open(os.path.join(tmp, f"wrk.{tag}.txt"), "w") as f:
         f.write(" ".join(cmd) + "\n" + out.stdout + out.stderr)
@@ -744,13 +749,8 @@ def main():
 def run_bare(args, tmp, tag, bare, like, duration):
     """The bare route, sent the real server's /api/users/me request with the real token."""
     token = like.users["reader"]["token"]
-    cmd = wrk_cmd(args, bare.base + "/api/users/me", "auth_get.lua", args.connections, duration)
-    out = subprocess.run(cmd, env=wrk_env(args, token), capture_output=True, text=True, timeout=duration + 60)
-    with open(os.path.join(tmp, f"wrk.{tag}.txt"), "w") as f:
-        f.write(" ".join(cmd) + "\n" + out.stdout + out.stderr)
-    if out.returncode != 0:
-        raise Fail(f"wrk failed ({tag}): {out.stdout}{out.stderr}")
-    return parse_wrk(out.stdout)
+    url = bare.base + "/api/users/me"
+    return wrk_once(args, tmp, tag, url, "auth_get.lua", token, args.connections, duration)
 
 
 # ---- the report -------------------------------------------------------------------------------
