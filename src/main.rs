@@ -108,6 +108,9 @@ fn config_error(variable: &'static str, problem: impl Into<String>) -> ConfigErr
     }
 }
 
+/// How long a client may take to send a request body unless `REQUEST_BODY_TIMEOUT` says otherwise.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A variable's value; set-but-empty counts as unset, as it does for most twelve-factor apps.
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -256,7 +259,7 @@ impl Config {
             )?,
             database_timeout,
             trusted_proxies,
-            body_timeout: seconds("REQUEST_BODY_TIMEOUT")?.unwrap_or(Duration::from_secs(5)),
+            body_timeout: seconds("REQUEST_BODY_TIMEOUT")?.unwrap_or(DEFAULT_BODY_TIMEOUT),
             max_connections: parse_env(
                 "MAX_CONNECTIONS",
                 |n| (1..=1_000_000).contains(n),
@@ -1394,7 +1397,7 @@ fn read_body(
     // that trickles a byte a second holds its connection (and its memory) for as long as it likes.
     let deadline = req
         .app_data::<web::Data<AppState>>()
-        .map_or(Duration::from_secs(5), |state| state.body_timeout);
+        .map_or(DEFAULT_BODY_TIMEOUT, |state| state.body_timeout);
     async move {
         if declared.is_some_and(|len| len > limit) {
             return Err(too_large());
