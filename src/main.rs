@@ -27,6 +27,7 @@ use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ResourceDef, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
+use actix_web::web::Json;
 use actix_web::{
     delete, get, middleware, patch, post, put, web, App, FromRequest, HttpRequest, HttpResponse,
     HttpServer, ResponseError,
@@ -45,7 +46,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::json;
 use utoipa::openapi::security::{
-    Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityScheme,
+    Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityRequirement,
+    SecurityScheme,
 };
 use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
 use utoipa_actix_web::AppExt;
@@ -493,15 +495,6 @@ struct NewUser<'a> {
     updated_at: UtcTime,
 }
 
-#[derive(AsChangeset)]
-#[diesel(table_name = users)]
-struct UserChanges {
-    /// `None`: leave it; `Some(None)`: clear it.
-    name: Option<Option<String>>,
-    email: Option<String>,
-    updated_at: UtcTime,
-}
-
 #[derive(Queryable, Selectable, Serialize, ToSchema, Debug)]
 #[diesel(table_name = tasks)]
 struct Task {
@@ -520,72 +513,88 @@ struct Task {
     updated_at: UtcTime,
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = tasks)]
-struct NewTask<'a> {
-    user_id: &'a str,
-    title: &'a str,
-    description: Option<&'a str>,
-    completed: bool,
-    created_at: UtcTime,
-    updated_at: UtcTime,
-}
-
-/// One changeset for PUT (every field) and PATCH (only the fields sent).
-#[derive(AsChangeset)]
-#[diesel(table_name = tasks)]
-struct TaskChanges {
-    title: Option<String>,
-    description: Option<Option<String>>,
-    completed: Option<bool>,
-    updated_at: UtcTime,
-}
-
 // ----- Request and response bodies ---------------------------------------------------------------
 //
 // Request types are read field by field (see "Reading input" below), not through serde, so that
 // every problem of an input is reported at once. Their `#[schema]` attributes must therefore say
 // what is required and what may be `null`: no serde attribute says it for them.
 
-#[derive(ToSchema)]
-struct RegisterRequest {
-    #[schema(format = "email", max_length = 254, example = "alice@example.com")]
-    email: String,
-    #[schema(min_length = 8, max_length = 72, format = Password)]
-    password: String,
-    #[schema(max_length = 100)]
-    name: Option<String>,
+/// Declares a request type together with how each field is read, one line per field:
+/// `name: Type = how(check)`, where `how` is `required`, `optional` or `nullable` (see `Fields`)
+/// and `check` one of the checks under "Reading input"; `.then(…)` calls may follow, e.g.
+/// `.unwrap_or(false)` for a default. It expands to the struct (with `ToSchema`, so the OpenAPI
+/// document describes it) and its `FromFields`, so a field is declared, documented and
+/// validated in one place.
+macro_rules! request_type {
+    (
+        $(#[$attr:meta])*
+        struct $name:ident {
+            $(
+                $(#[$field_attr:meta])*
+                $field:ident: $type:ty = $how:ident($check:expr) $(.$then:ident($($arg:expr)?))*
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$attr])*
+        #[derive(ToSchema)]
+        struct $name {
+            $($(#[$field_attr])* $field: $type,)*
+        }
+
+        impl FromFields for $name {
+            fn from_fields(f: &mut Fields) -> Self {
+                $name {
+                    $($field: f.$how(stringify!($field), $check)$(.$then($($arg)?))*,)*
+                }
+            }
+        }
+    };
 }
 
-#[derive(ToSchema)]
-struct LoginRequest {
-    #[schema(format = "email", example = "alice@example.com")]
-    email: String,
-    #[schema(format = Password)]
-    password: String,
+request_type! {
+    struct RegisterRequest {
+        #[schema(format = "email", max_length = 254, example = "alice@example.com")]
+        email: String = required(email),
+        #[schema(min_length = 8, max_length = 72, format = Password)]
+        password: String = required(new_password),
+        #[schema(max_length = 100)]
+        name: Option<String> = nullable(at_most::<NAME_MAX_CHARS>).flatten(),
+    }
 }
 
-/// The OAuth2 password flow's form (what FastAPI's `OAuth2PasswordRequestForm` reads).
-// `scope`, `client_id` and `client_secret` are read (so they are checked like any input) and
-// then not used: this API has no scopes and one kind of client.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-struct TokenForm {
-    /// The account's email.
-    username: String,
-    #[schema(format = Password)]
-    password: String,
-    #[schema(value_type = String, required = false, pattern = "^password$")]
-    grant_type: Option<String>,
-    /// Accepted from OAuth2 clients; this API has no scopes to grant.
-    #[schema(value_type = String, required = false)]
-    scope: Option<String>,
-    /// Accepted from OAuth2 clients and not used.
-    #[schema(value_type = String, required = false)]
-    client_id: Option<String>,
-    /// Accepted from OAuth2 clients and not used.
-    #[schema(value_type = String, required = false, format = Password)]
-    client_secret: Option<String>,
+request_type! {
+    // Login input is not checked beyond its types: a malformed email or an impossible password
+    // is just a failed login (401), so it looks like every other failed login.
+    struct LoginRequest {
+        #[schema(format = "email", example = "alice@example.com")]
+        email: String = required(any),
+        #[schema(format = Password)]
+        password: String = required(any),
+    }
+}
+
+request_type! {
+    /// The OAuth2 password flow's form (what FastAPI's `OAuth2PasswordRequestForm` reads).
+    // `scope`, `client_id` and `client_secret` are read (so they are checked like any input) and
+    // then not used: this API has no scopes and one kind of client.
+    #[allow(dead_code)]
+    struct TokenForm {
+        /// The account's email.
+        username: String = required(any),
+        #[schema(format = Password)]
+        password: String = required(any),
+        #[schema(value_type = String, required = false, pattern = "^password$")]
+        grant_type: Option<String> = optional(password_grant),
+        /// Accepted from OAuth2 clients; this API has no scopes to grant.
+        #[schema(value_type = String, required = false)]
+        scope: Option<String> = optional(any),
+        /// Accepted from OAuth2 clients and not used.
+        #[schema(value_type = String, required = false)]
+        client_id: Option<String> = optional(any),
+        /// Accepted from OAuth2 clients and not used.
+        #[schema(value_type = String, required = false, format = Password)]
+        client_secret: Option<String> = optional(any),
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -606,67 +615,83 @@ fn bearer_only() -> utoipa::openapi::Object {
         .build()
 }
 
-#[derive(ToSchema)]
-struct UserUpdate {
-    /// `null` clears the name; leaving the key out keeps it.
-    #[schema(value_type = Option<String>, required = false, max_length = 100)]
-    name: Option<Option<String>>,
-    /// Leaving the key out keeps the email; `null` is refused.
-    #[schema(value_type = String, required = false, format = "email", max_length = 254)]
-    email: Option<String>,
+request_type! {
+    // Also the changeset: `None` leaves a column as it is, `Some(None)` sets it to NULL.
+    #[derive(AsChangeset)]
+    #[diesel(table_name = users)]
+    struct UserUpdate {
+        /// `null` clears the name; leaving the key out keeps it.
+        #[schema(value_type = Option<String>, required = false, max_length = 100)]
+        name: Option<Option<String>> = nullable(at_most::<NAME_MAX_CHARS>),
+        /// Leaving the key out keeps the email; `null` is refused.
+        #[schema(value_type = String, required = false, format = "email", max_length = 254)]
+        email: Option<String> = optional(email),
+    }
 }
 
-#[derive(ToSchema)]
-struct PasswordChange {
-    #[schema(format = Password)]
-    current_password: String,
-    #[schema(min_length = 8, max_length = 72, format = Password)]
-    new_password: String,
+request_type! {
+    struct PasswordChange {
+        #[schema(format = Password)]
+        current_password: String = required(any),
+        #[schema(min_length = 8, max_length = 72, format = Password)]
+        new_password: String = required(new_password),
+    }
 }
 
-/// The body of `POST` (create) and `PUT` (full replace) on a task.
-#[derive(ToSchema)]
-struct TaskInput {
-    #[schema(min_length = 1, max_length = 200, example = "Buy milk")]
-    title: String,
-    #[schema(max_length = 1000)]
-    description: Option<String>,
-    /// `false` when left out.
-    // Not `default = false`: openapi-typescript (7, by default) makes a property with a default
-    // required in the generated type, which would force clients to send it.
-    #[schema(required = false)]
-    completed: bool,
+request_type! {
+    /// The body of `POST` (create) and `PUT` (full replace) on a task.
+    // Also the task's insertable columns and PUT's changeset, in which a missing `description`
+    // is written as NULL.
+    #[derive(Insertable, AsChangeset)]
+    #[diesel(table_name = tasks, treat_none_as_null = true)]
+    struct TaskInput {
+        #[schema(min_length = 1, max_length = 200, example = "Buy milk")]
+        title: String = required(title),
+        #[schema(max_length = 1000)]
+        description: Option<String> = nullable(at_most::<DESCRIPTION_MAX_CHARS>).flatten(),
+        /// `false` when left out.
+        // Not `default = false`: openapi-typescript (7, by default) makes a property with a
+        // default required in the generated type, which would force clients to send it.
+        #[schema(required = false)]
+        completed: bool = optional(any).unwrap_or(false),
+    }
 }
 
-/// The body of `PATCH` on a task: only the keys sent change; `"description": null` clears it.
-#[derive(ToSchema)]
-struct TaskPatch {
-    #[schema(value_type = String, required = false, min_length = 1, max_length = 200)]
-    title: Option<String>,
-    #[schema(value_type = Option<String>, required = false, max_length = 1000)]
-    description: Option<Option<String>>,
-    #[schema(value_type = bool, required = false)]
-    completed: Option<bool>,
+request_type! {
+    /// The body of `PATCH` on a task: only the keys sent change; `"description": null` clears it.
+    // Also PATCH's changeset: `None` leaves a column as it is, `Some(None)` sets it to NULL.
+    #[derive(AsChangeset)]
+    #[diesel(table_name = tasks)]
+    struct TaskPatch {
+        #[schema(value_type = String, required = false, min_length = 1, max_length = 200)]
+        title: Option<String> = optional(title),
+        #[schema(value_type = Option<String>, required = false, max_length = 1000)]
+        description: Option<Option<String>> = nullable(at_most::<DESCRIPTION_MAX_CHARS>),
+        #[schema(value_type = bool, required = false)]
+        completed: Option<bool> = optional(any),
+    }
 }
 
-#[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
-struct TaskListQuery {
-    /// Which tasks to list.
-    #[param(inline, required = false)]
-    status: StatusFilter,
-    #[param(inline, required = false)]
-    sort: SortKey,
-    /// Sort direction; ties are broken by id in the same direction.
-    #[param(inline, required = false)]
-    order: SortOrder,
-    /// Case-insensitive substring of the title or the description.
-    #[param(max_length = 200)]
-    q: Option<String>,
-    #[param(minimum = 1, maximum = 1000, default = 100)]
-    limit: Option<i64>,
-    #[param(minimum = 0, default = 0)]
-    offset: Option<i64>,
+request_type! {
+    #[derive(IntoParams)]
+    #[into_params(parameter_in = Query)]
+    struct TaskListQuery {
+        /// Which tasks to list.
+        #[param(inline, required = false)]
+        status: StatusFilter = optional(any).unwrap_or_default(),
+        #[param(inline, required = false)]
+        sort: SortKey = optional(any).unwrap_or_default(),
+        /// Sort direction; ties are broken by id in the same direction.
+        #[param(inline, required = false)]
+        order: SortOrder = optional(any).unwrap_or_default(),
+        /// Case-insensitive substring of the title or the description.
+        #[param(max_length = 200)]
+        q: Option<String> = optional(at_most::<SEARCH_MAX_CHARS>),
+        #[param(minimum = 1, maximum = 1000, default = 100)]
+        limit: Option<i64> = optional(limit),
+        #[param(minimum = 0, default = 0)]
+        offset: Option<i64> = optional(offset),
+    }
 }
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
@@ -677,6 +702,17 @@ enum StatusFilter {
     All,
     Pending,
     Completed,
+}
+
+impl StatusFilter {
+    /// The value of `completed` it keeps, or `None` for every task.
+    fn completed(self) -> Option<bool> {
+        match self {
+            StatusFilter::All => None,
+            StatusFilter::Pending => Some(false),
+            StatusFilter::Completed => Some(true),
+        }
+    }
 }
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
@@ -1023,93 +1059,6 @@ fn offset(offset: &mut i64) -> Result<(), Problem> {
     }
 }
 
-impl FromFields for RegisterRequest {
-    fn from_fields(f: &mut Fields) -> Self {
-        RegisterRequest {
-            email: f.required("email", email),
-            password: f.required("password", new_password),
-            name: f.nullable("name", at_most::<NAME_MAX_CHARS>).flatten(),
-        }
-    }
-}
-
-/// Login input is not checked beyond its types: a malformed email or an impossible password is
-/// just a failed login (401), so it looks like every other failed login.
-impl FromFields for LoginRequest {
-    fn from_fields(f: &mut Fields) -> Self {
-        LoginRequest {
-            email: f.required("email", any),
-            password: f.required("password", any),
-        }
-    }
-}
-
-impl FromFields for TokenForm {
-    fn from_fields(f: &mut Fields) -> Self {
-        TokenForm {
-            username: f.required("username", any),
-            password: f.required("password", any),
-            grant_type: f.optional("grant_type", password_grant),
-            scope: f.optional("scope", any),
-            client_id: f.optional("client_id", any),
-            client_secret: f.optional("client_secret", any),
-        }
-    }
-}
-
-impl FromFields for UserUpdate {
-    fn from_fields(f: &mut Fields) -> Self {
-        UserUpdate {
-            name: f.nullable("name", at_most::<NAME_MAX_CHARS>),
-            email: f.optional("email", email),
-        }
-    }
-}
-
-impl FromFields for PasswordChange {
-    fn from_fields(f: &mut Fields) -> Self {
-        PasswordChange {
-            current_password: f.required("current_password", any),
-            new_password: f.required("new_password", new_password),
-        }
-    }
-}
-
-impl FromFields for TaskInput {
-    fn from_fields(f: &mut Fields) -> Self {
-        TaskInput {
-            title: f.required("title", title),
-            description: f
-                .nullable("description", at_most::<DESCRIPTION_MAX_CHARS>)
-                .flatten(),
-            completed: f.optional("completed", any).unwrap_or(false),
-        }
-    }
-}
-
-impl FromFields for TaskPatch {
-    fn from_fields(f: &mut Fields) -> Self {
-        TaskPatch {
-            title: f.optional("title", title),
-            description: f.nullable("description", at_most::<DESCRIPTION_MAX_CHARS>),
-            completed: f.optional("completed", any),
-        }
-    }
-}
-
-impl FromFields for TaskListQuery {
-    fn from_fields(f: &mut Fields) -> Self {
-        TaskListQuery {
-            status: f.optional("status", any).unwrap_or_default(),
-            sort: f.optional("sort", any).unwrap_or_default(),
-            order: f.optional("order", any).unwrap_or_default(),
-            q: f.optional("q", at_most::<SEARCH_MAX_CHARS>),
-            limit: f.optional("limit", limit),
-            offset: f.optional("offset", offset),
-        }
-    }
-}
-
 // ----- Errors: one type, rendered the way FastAPI renders them ----------------------------------
 
 /// Every way a request can fail. Handlers return `Result<_, ApiError>` and use `?`; the
@@ -1134,6 +1083,9 @@ enum ApiError {
     /// 500: the cause is logged, never sent.
     Internal(String),
 }
+
+/// What handlers and helpers return: `?` turns any error that converts into `ApiError`.
+type Result<T, E = ApiError> = std::result::Result<T, E>;
 
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1258,9 +1210,6 @@ impl From<actix_web::error::BlockingError> for ApiError {
 const JSON_LIMIT: usize = 64 * 1024;
 const FORM_LIMIT: usize = 4 * 1024;
 
-/// A JSON body (`application/json`, at most 64 KiB), read and checked.
-struct Json<T>(T);
-
 /// A JSON body read but not yet looked at. Routes that need a token take this and `parse` it
 /// once they know who is asking, as FastAPI runs its auth dependency before it validates the
 /// body: a bad token is a 401 and a request for another user's tasks a 403 whatever the body,
@@ -1317,16 +1266,6 @@ impl JsonBody {
         let object = serde_json::from_slice(&bytes)
             .map_err(|_| body_error("JSON decode error", "json_invalid"))?;
         Fields::parse("body", object)
-    }
-}
-
-impl<T: FromFields + 'static> FromRequest for Json<T> {
-    type Error = ApiError;
-    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
-
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let body = JsonBody::from_request(req, payload);
-        async move { body.await?.parse().map(Json) }.boxed_local()
     }
 }
 
@@ -1705,6 +1644,22 @@ macro_rules! db {
     };
 }
 
+/// `UPDATE … SET $changes, updated_at = now RETURNING *` on `$row`, a query for at most one row
+/// of `$table`: `Some` of the row as it is now, or `None` if there is no such row. A macro, as
+/// `db!` is: each changeset is a type of its own.
+macro_rules! update_returning {
+    ($database:expr, $row:expr, $changes:expr, $table:ident => $Row:ty) => {
+        db!($database, write, |conn| async {
+            diesel::update($row)
+                .set(($changes, $table::updated_at.eq(now())))
+                .returning(<$Row>::as_returning())
+                .get_result::<$Row>(conn)
+                .await
+                .optional()
+        })
+    };
+}
+
 impl Database {
     /// Opens the pools and brings the schema up to date; runs before the server listens.
     async fn connect(config: &Config) -> Result<Database, String> {
@@ -1886,6 +1841,85 @@ impl FromRequest for CurrentUser {
         .boxed_local()
     }
 }
+
+/// `/api/{user_id}/tasks`: the signed-in user's task list. `{user_id}` must be their id or
+/// `me`; another user's id is 403, whatever else the request holds.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+struct TaskOwner {
+    /// The caller's id, or `me`
+    user_id: String,
+}
+
+impl FromRequest for TaskOwner {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let user = CurrentUser::from_request(req, payload);
+        let in_path = req
+            .match_info()
+            .get("user_id")
+            .unwrap_or_default()
+            .to_owned();
+        async move {
+            let CurrentUser(user) = user.await?;
+            if in_path != "me" && in_path != user.id {
+                return Err(ApiError::Forbidden(
+                    "Not allowed to access another user's tasks",
+                ));
+            }
+            Ok(TaskOwner { user_id: user.id })
+        }
+        .boxed_local()
+    }
+}
+
+/// `/api/{user_id}/tasks/{id}`: one task of the signed-in user's, by id (not yet looked up).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
+struct TaskRef {
+    /// The caller's id, or `me`
+    user_id: String,
+    /// Task id
+    id: i64,
+}
+
+impl FromRequest for TaskRef {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    /// The caller is checked first (401, 403), then the id (422), as FastAPI runs its auth
+    /// dependency before it validates the path.
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let owner = TaskOwner::from_request(req, payload);
+        let id = req.match_info().get("id").and_then(|id| id.parse().ok());
+        async move {
+            let TaskOwner { user_id } = owner.await?;
+            let id = id.ok_or_else(|| {
+                let not_an_integer = "Input should be a valid integer";
+                ApiError::Invalid(vec![field_error(
+                    &["path", "id"],
+                    not_an_integer,
+                    "int_parsing",
+                )])
+            })?;
+            Ok(TaskRef { user_id, id })
+        }
+        .boxed_local()
+    }
+}
+
+impl TaskRef {
+    /// The task as a query: another user's task is as absent as a missing one.
+    fn row(&self) -> OwnedTask<'_> {
+        tasks::table.filter(tasks::id.eq(self.id).and(tasks::user_id.eq(&self.user_id)))
+    }
+}
+
+type OwnedTask<'a> = diesel::dsl::Filter<tasks::table, TaskOfOwner<'a>>;
+type TaskOfOwner<'a> =
+    diesel::dsl::And<diesel::dsl::Eq<tasks::id, i64>, diesel::dsl::Eq<tasks::user_id, &'a String>>;
 
 /// The token from `Authorization: Bearer <token>`; nothing else (no query string, no cookie).
 fn bearer_token(req: &HttpRequest) -> Option<String> {
@@ -2373,6 +2407,8 @@ impl Database {
 }
 
 /// Shared, read-mostly state, built once at startup and handed to every worker.
+type State = web::Data<AppState>;
+
 struct AppState {
     db: Database,
     auth: TokenAuthority,
@@ -2651,54 +2687,40 @@ mod error_responses {
 // ----- [health] ----------------------------------------------------------------------------------
 
 /// Liveness and database check.
-#[utoipa::path(
-    tag = "health",
-    responses(
-        (status = 200, description = "The service and its database answer", body = Health),
-        (status = 503, description = "The database does not answer", body = Health,
-            example = json!({"status": "unavailable", "database": "no database connection became available in time"})),
-    )
-)]
+#[utoipa::path(tag = "health", security(), responses(
+    (status = 200, description = "The service and its database answer", body = Health),
+    (status = 503, description = "The database does not answer", body = Health,
+        example = json!({"status": "unavailable", "database": "no database connection became available in time"})),
+))]
 #[get("/health")]
-async fn health(state: web::Data<AppState>) -> HttpResponse {
-    match state.db.ping().await {
-        Ok(()) => HttpResponse::Ok().json(Health {
-            status: HealthStatus::Ok,
-            database: "ok".into(),
-        }),
+async fn health(state: State) -> HttpResponse {
+    let (mut response, status, database) = match state.db.ping().await {
+        Ok(()) => (HttpResponse::Ok(), HealthStatus::Ok, "ok".into()),
         Err(e) => {
             log::warn!("health check failed: {e}");
             let reason = match e {
                 ApiError::Unavailable(reason) => reason,
                 _ => "query failed".into(),
             };
-            HttpResponse::ServiceUnavailable().json(Health {
-                status: HealthStatus::Unavailable,
-                database: reason,
-            })
+            let unavailable = HttpResponse::ServiceUnavailable();
+            (unavailable, HealthStatus::Unavailable, reason)
         }
-    }
+    };
+    response.json(Health { status, database })
 }
 
 // ----- [auth] ------------------------------------------------------------------------------------
 
 /// Create an account.
-#[utoipa::path(
-    tag = "auth",
-    request_body = RegisterRequest,
-    responses(
-        (status = 201, description = "The new user", body = User),
-        EmailTaken, BodyTooLarge, NotJson, Invalid,
-    )
-)]
+#[utoipa::path(tag = "auth", security(), request_body = RegisterRequest, responses(
+    (status = 201, description = "The new user", body = User),
+    EmailTaken, BodyTooLarge, NotJson, Invalid,
+))]
 #[post("/api/auth/register")]
-async fn register(
-    state: web::Data<AppState>,
-    Json(body): Json<RegisterRequest>,
-) -> Result<HttpResponse, ApiError> {
+async fn register(state: State, body: JsonBody) -> Result<HttpResponse> {
+    let body: RegisterRequest = body.parse()?;
     let password_hash = state.passwords.hash(body.password).await?;
-    let time = now();
-    let id = uuid::Uuid::new_v4().to_string();
+    let (id, time) = (uuid::Uuid::new_v4().to_string(), now());
     let new_user = NewUser {
         id: &id,
         email: &body.email,
@@ -2716,8 +2738,7 @@ async fn register(
 }
 
 /// OAuth2 password flow (the form Swagger UI's Authorize button and FastAPI clients send).
-#[utoipa::path(
-    tag = "auth",
+#[utoipa::path(tag = "auth", security(),
     request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "A bearer token", body = TokenResponse),
@@ -2726,30 +2747,22 @@ async fn register(
 )]
 #[post("/token")]
 async fn oauth2_token(
-    state: web::Data<AppState>,
+    state: State,
     req: HttpRequest,
-    Form(form): Form<TokenForm>,
-) -> Result<HttpResponse, ApiError> {
-    state
-        .login(&form.username, form.password, state.client_ip(&req))
-        .await
+    form: Form<TokenForm>,
+) -> Result<HttpResponse> {
+    let client = state.client_ip(&req);
+    state.login(&form.0.username, form.0.password, client).await
 }
 
 /// Log in with JSON; the same as `/token`.
-#[utoipa::path(
-    tag = "auth",
-    request_body = LoginRequest,
-    responses(
-        (status = 200, description = "A bearer token", body = TokenResponse),
-        BadCredentials, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
-    )
-)]
+#[utoipa::path(tag = "auth", security(), request_body = LoginRequest, responses(
+    (status = 200, description = "A bearer token", body = TokenResponse),
+    BadCredentials, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
+))]
 #[post("/api/auth/login")]
-async fn login(
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    Json(body): Json<LoginRequest>,
-) -> Result<HttpResponse, ApiError> {
+async fn login(state: State, req: HttpRequest, body: JsonBody) -> Result<HttpResponse> {
+    let body: LoginRequest = body.parse()?;
     state
         .login(&body.email, body.password, state.client_ip(&req))
         .await
@@ -2758,51 +2771,31 @@ async fn login(
 // ----- [users] -----------------------------------------------------------------------------------
 
 /// The signed-in user.
-#[utoipa::path(
-    tag = "users",
-    security(("bearer" = []), ("oauth2" = [])),
-    responses(
-        (status = 200, description = "The user", body = User),
-        Unauthorized,
-    )
-)]
+#[utoipa::path(tag = "users", responses(
+    (status = 200, description = "The user", body = User),
+    Unauthorized,
+))]
 #[get("/api/users/me")]
-async fn read_me(CurrentUser(user): CurrentUser) -> web::Json<User> {
-    web::Json(user)
+async fn read_me(CurrentUser(user): CurrentUser) -> Json<User> {
+    Json(user)
 }
 
 /// Change the name and/or email.
-#[utoipa::path(
-    tag = "users",
-    security(("bearer" = []), ("oauth2" = [])),
-    request_body = UserUpdate,
-    responses(
-        (status = 200, description = "The updated user", body = User),
-        Unauthorized, EmailTaken, BodyTooLarge, NotJson, Invalid,
-    )
-)]
+#[utoipa::path(tag = "users", request_body = UserUpdate, responses(
+    (status = 200, description = "The updated user", body = User),
+    Unauthorized, EmailTaken, BodyTooLarge, NotJson, Invalid,
+))]
 #[patch("/api/users/me")]
 async fn update_me(
-    state: web::Data<AppState>,
+    state: State,
     CurrentUser(user): CurrentUser,
     body: JsonBody,
-) -> Result<web::Json<User>, ApiError> {
-    let body: UserUpdate = body.parse()?;
-    let changes = UserChanges {
-        name: body.name,
-        email: body.email,
-        updated_at: now(),
-    };
-    let updated = db!(state.db, write, |conn| async {
-        diesel::update(users::table.find(&user.id))
-            .set(&changes)
-            .returning(User::as_returning())
-            .get_result(conn)
-            .await
-            .optional()
-    })?;
+) -> Result<Json<User>> {
+    let changes: UserUpdate = body.parse()?;
+    let me = users::table.find(&user.id);
+    let updated = update_returning!(state.db, me, &changes, users => User)?;
     // The account was deleted by another request while this one ran.
-    updated.map(web::Json).ok_or(INVALID_TOKEN)
+    updated.map(Json).ok_or(INVALID_TOKEN)
 }
 
 /// Change the password.
@@ -2810,34 +2803,22 @@ async fn update_me(
 /// Every token issued before the change stops working, this request's included: log in again
 /// with the new password. Wrong `current_password` guesses are limited like failed logins
 /// (429 after 10 in a minute).
-#[utoipa::path(
-    tag = "users",
-    security(("bearer" = []), ("oauth2" = [])),
-    request_body = PasswordChange,
-    responses(
-        (status = 204, description = "Changed; tokens issued before now no longer work"),
-        (status = 400, description = "The current password is wrong", body = ErrorDetail,
-            example = json!({"detail": "Incorrect password"})),
-        Unauthorized, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
-    )
-)]
+#[utoipa::path(tag = "users", request_body = PasswordChange, responses(
+    (status = 204, description = "Changed; tokens issued before now no longer work"),
+    (status = 400, description = "The current password is wrong", body = ErrorDetail,
+        example = json!({"detail": "Incorrect password"})),
+    Unauthorized, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
+))]
 #[put("/api/users/me/password")]
-async fn change_password(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    body: JsonBody,
-) -> Result<HttpResponse, ApiError> {
+async fn change_password(state: State, user: CurrentUser, body: JsonBody) -> Result<HttpResponse> {
+    let CurrentUser(user) = user;
     let body: PasswordChange = body.parse()?;
     // Guessing the current password with a stolen token is throttled like logins.
     let guesses = Bucket::PasswordOf(&user.id);
     state.db.take_attempt(guesses).await?;
     let current_hash: Option<String> = db!(state.db, read, |conn| async {
-        users::table
-            .find(&user.id)
-            .select(users::password_hash)
-            .first(conn)
-            .await
-            .optional()
+        let me = users::table.find(&user.id);
+        me.select(users::password_hash).first(conn).await.optional()
     })?
     .ok_or(INVALID_TOKEN)?;
     if !state
@@ -2852,72 +2833,113 @@ async fn change_password(
     // Every token issued up to this second stops working; `issue` dates the next ones from
     // the second after.
     let tokens_not_before = Utc::now().timestamp() + 1;
-    let changed = db!(state.db, write, |conn| diesel::update(
-        users::table.find(&user.id)
-    )
-    .set((
+    let changes = (
         users::password_hash.eq(&new_hash),
         users::tokens_not_before.eq(tokens_not_before),
-        users::updated_at.eq(now())
-    ))
-    .execute(conn))?;
-    if changed == 0 {
-        return Err(INVALID_TOKEN);
-    }
+    );
+    let me = users::table.find(&user.id);
+    update_returning!(state.db, me, changes, users => User)?.ok_or(INVALID_TOKEN)?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 /// Delete the account and all its tasks.
-#[utoipa::path(
-    tag = "users",
-    security(("bearer" = []), ("oauth2" = [])),
-    responses(
-        (status = 204, description = "Deleted; the account's tokens no longer work"),
-        Unauthorized,
-    )
-)]
+#[utoipa::path(tag = "users", responses(
+    (status = 204, description = "Deleted; the account's tokens no longer work"),
+    Unauthorized,
+))]
 #[delete("/api/users/me")]
-async fn delete_me(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-) -> Result<HttpResponse, ApiError> {
+async fn delete_me(state: State, CurrentUser(user): CurrentUser) -> Result<HttpResponse> {
     // Tasks go with the user: ON DELETE CASCADE, enforced on SQLite by `foreign_keys = ON`.
-    db!(state.db, write, |conn| diesel::delete(
-        users::table.find(&user.id)
-    )
-    .execute(conn))?;
+    db!(state.db, write, |conn| {
+        diesel::delete(users::table.find(&user.id)).execute(conn)
+    })?;
     Ok(HttpResponse::NoContent().finish())
 }
 
 // ----- [tasks] -----------------------------------------------------------------------------------
-
-/// `{user_id}` in a task path must name the caller (or be `me`).
-fn owner<'u>(user: &'u User, path_user_id: &str) -> Result<&'u str, ApiError> {
-    if path_user_id == "me" || path_user_id == user.id {
-        Ok(&user.id)
-    } else {
-        Err(ApiError::Forbidden(
-            "Not allowed to access another user's tasks",
-        ))
-    }
-}
+//
+// `TaskOwner` and `TaskRef` (section 4) have already checked `{user_id}` against the token when
+// a handler runs, so each handler only does what its route says.
 
 const TASK_NOT_FOUND: ApiError = ApiError::NotFound("Task not found");
 
-/// `/api/{user_id}/tasks/{id}` checked against the caller: the owner's id and the task id.
-fn task_path(user: &User, path: web::Path<(String, i64)>) -> Result<(&str, i64), ApiError> {
-    let (path_user_id, id) = path.into_inner();
-    Ok((owner(user, &path_user_id)?, id))
+/// List the user's tasks: filter, search, sort and page. `X-Total-Count` is the count before paging.
+#[utoipa::path(tag = "tasks", params(TaskOwner, TaskListQuery), responses(
+    (status = 200, description = "One page of tasks", body = Vec<Task>,
+        headers(("X-Total-Count" = i64, description = "Matching tasks before limit/offset"))),
+    Unauthorized, NotYourTasks, Invalid,
+))]
+#[get("/api/{user_id}/tasks")]
+async fn list_tasks(state: State, owner: TaskOwner, req: HttpRequest) -> Result<HttpResponse> {
+    let query: TaskListQuery = query(&req)?;
+    let (page, total) = page_of_tasks(&state.db, &owner.user_id, &query).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("X-Total-Count", total.to_string()))
+        .json(page))
 }
 
-/// Task `id` if it belongs to `owner`: another user's task is as absent as a missing one.
-fn owned_task(owner: &str, id: i64) -> OwnedTask<'_> {
-    tasks::table.filter(tasks::id.eq(id).and(tasks::user_id.eq(owner)))
+/// One page of `owner`'s tasks that match `query`, and how many match in all.
+async fn page_of_tasks(
+    db: &Database,
+    owner: &str,
+    query: &TaskListQuery,
+) -> Result<(Vec<Task>, i64)> {
+    let (limit, offset) = (query.limit.unwrap_or(100), query.offset.unwrap_or(0));
+    let pattern = query
+        .q
+        .as_deref()
+        .filter(|q| !q.is_empty())
+        .map(like_pattern);
+    // The filters, written once for the page and the count. (Macros rather than functions: a
+    // query's type differs per backend, and these expand inside `db!` once for each.)
+    macro_rules! matching {
+        () => {{
+            let mut filtered = tasks::table.filter(tasks::user_id.eq(owner)).into_boxed();
+            if let Some(completed) = query.status.completed() {
+                filtered = filtered.filter(tasks::completed.eq(completed));
+            }
+            if let Some(pattern) = &pattern {
+                let title = lower(tasks::title.nullable()).like(pattern).escape('\\');
+                filtered =
+                    filtered.filter(title.or(lower(tasks::description).like(pattern).escape('\\')));
+            }
+            filtered
+        }};
+    }
+    // Ordered by one column, ties broken by id in the same direction.
+    macro_rules! by {
+        ($column:expr) => {
+            match query.order {
+                SortOrder::Asc => matching!().order(($column.asc(), tasks::id.asc())),
+                SortOrder::Desc => matching!().order(($column.desc(), tasks::id.desc())),
+            }
+        };
+    }
+    // The page first, with one row more than asked for: when that row is not there, the page
+    // already tells the total, so only a page with more after it (or an empty one past the end)
+    // pays for a COUNT. (A window count on every row looks like one round trip, but makes
+    // SQLite materialize and sort every matching row: slower.)
+    db!(db, read, |conn| async {
+        let sorted = match query.sort {
+            SortKey::Created => by!(tasks::created_at),
+            SortKey::Updated => by!(tasks::updated_at),
+            SortKey::Title => by!(tasks::title),
+        };
+        let rows = sorted
+            .select(Task::as_select())
+            .limit(limit + 1)
+            .offset(offset);
+        let mut page: Vec<Task> = rows.load(conn).await?;
+        let fetched = page.len() as i64;
+        let total = if fetched <= limit && (fetched > 0 || offset == 0) {
+            offset + fetched
+        } else {
+            page.truncate(limit as usize);
+            matching!().count().get_result(conn).await?
+        };
+        QueryResult::Ok((page, total))
+    })
 }
-
-type OwnedTask<'a> = diesel::dsl::Filter<tasks::table, TaskOfOwner<'a>>;
-type TaskOfOwner<'a> =
-    diesel::dsl::And<diesel::dsl::Eq<tasks::id, i64>, diesel::dsl::Eq<tasks::user_id, &'a str>>;
 
 /// `%`, `_` and `\` in a search are literal characters, not wildcards.
 fn like_pattern(search: &str) -> String {
@@ -2933,301 +2955,99 @@ fn like_pattern(search: &str) -> String {
     pattern
 }
 
-/// List the user's tasks: filter, search, sort and page. `X-Total-Count` is the count before paging.
-#[utoipa::path(
-    tag = "tasks",
-    security(("bearer" = []), ("oauth2" = [])),
-    params(("user_id" = String, Path, description = "The caller's id, or `me`"), TaskListQuery),
-    responses(
-        (status = 200, description = "One page of tasks", body = Vec<Task>,
-            headers(("X-Total-Count" = i64, description = "Matching tasks before limit/offset"))),
-        Unauthorized, NotYourTasks, Invalid,
-    )
-)]
-#[get("/api/{user_id}/tasks")]
-async fn list_tasks(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    path: web::Path<String>,
-    req: HttpRequest,
-) -> Result<HttpResponse, ApiError> {
-    let owner = owner(&user, &path)?;
-    let query: TaskListQuery = query(&req)?;
-    let limit = query.limit.unwrap_or(100);
-    let offset = query.offset.unwrap_or(0);
-    let pattern = query
-        .q
-        .as_deref()
-        .filter(|q| !q.is_empty())
-        .map(like_pattern);
-
-    // The filters, written once and used for both the page and (rarely) the count.
-    macro_rules! matching_tasks {
-        () => {{
-            let mut filtered = tasks::table.filter(tasks::user_id.eq(owner)).into_boxed();
-            match query.status {
-                StatusFilter::All => {}
-                StatusFilter::Pending => filtered = filtered.filter(tasks::completed.eq(false)),
-                StatusFilter::Completed => filtered = filtered.filter(tasks::completed.eq(true)),
-            }
-            if let Some(pattern) = &pattern {
-                filtered = filtered.filter(
-                    lower(tasks::title.nullable())
-                        .like(pattern)
-                        .escape('\\')
-                        .or(lower(tasks::description).like(pattern).escape('\\')),
-                );
-            }
-            filtered
-        }};
-    }
-
-    // The page first, with one row more than asked for: when that row is not there, the page
-    // already tells the total, so only a page with more after it (or an empty one past the end)
-    // pays for a COUNT. (A window count on every row looks like one round trip, but makes
-    // SQLite materialize and sort every matching row: slower.)
-    let (page, total): (Vec<Task>, i64) = db!(state.db, read, |conn| async {
-        let ordered = match (query.sort, query.order) {
-            (SortKey::Created, SortOrder::Asc) => {
-                matching_tasks!().order((tasks::created_at.asc(), tasks::id.asc()))
-            }
-            (SortKey::Created, SortOrder::Desc) => {
-                matching_tasks!().order((tasks::created_at.desc(), tasks::id.desc()))
-            }
-            (SortKey::Updated, SortOrder::Asc) => {
-                matching_tasks!().order((tasks::updated_at.asc(), tasks::id.asc()))
-            }
-            (SortKey::Updated, SortOrder::Desc) => {
-                matching_tasks!().order((tasks::updated_at.desc(), tasks::id.desc()))
-            }
-            (SortKey::Title, SortOrder::Asc) => {
-                matching_tasks!().order((tasks::title.asc(), tasks::id.asc()))
-            }
-            (SortKey::Title, SortOrder::Desc) => {
-                matching_tasks!().order((tasks::title.desc(), tasks::id.desc()))
-            }
-        };
-        let mut page: Vec<Task> = ordered
-            .select(Task::as_select())
-            .limit(limit + 1)
-            .offset(offset)
-            .load(conn)
-            .await?;
-        let fetched = page.len() as i64;
-        let total = if fetched <= limit && (fetched > 0 || offset == 0) {
-            offset + fetched
-        } else {
-            page.truncate(limit as usize);
-            matching_tasks!().count().get_result(conn).await?
-        };
-        Ok::<_, diesel::result::Error>((page, total))
-    })?;
-    Ok(HttpResponse::Ok()
-        .insert_header(("X-Total-Count", total.to_string()))
-        .json(page))
-}
-
 /// Create a task.
-#[utoipa::path(
-    tag = "tasks",
-    security(("bearer" = []), ("oauth2" = [])),
-    params(("user_id" = String, Path, description = "The caller's id, or `me`")),
-    request_body = TaskInput,
-    responses(
-        (status = 201, description = "The new task", body = Task,
-            headers(("Location" = String, description = "/api/{user_id}/tasks/{id}"))),
-        Unauthorized, NotYourTasks, BodyTooLarge, NotJson, Invalid,
-    )
-)]
+#[utoipa::path(tag = "tasks", params(TaskOwner), request_body = TaskInput, responses(
+    (status = 201, description = "The new task", body = Task,
+        headers(("Location" = String, description = "/api/{user_id}/tasks/{id}"))),
+    Unauthorized, NotYourTasks, BodyTooLarge, NotJson, Invalid,
+))]
 #[post("/api/{user_id}/tasks")]
-async fn create_task(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    path: web::Path<String>,
-    body: JsonBody,
-) -> Result<HttpResponse, ApiError> {
-    let owner = owner(&user, &path)?;
+async fn create_task(state: State, owner: TaskOwner, body: JsonBody) -> Result<HttpResponse> {
     let body: TaskInput = body.parse()?;
     let time = now();
-    let new_task = NewTask {
-        user_id: owner,
-        title: &body.title,
-        description: body.description.as_deref(),
-        completed: body.completed,
-        created_at: time,
-        updated_at: time,
-    };
+    let columns = (
+        &body,
+        tasks::user_id.eq(&owner.user_id),
+        tasks::created_at.eq(time),
+        tasks::updated_at.eq(time),
+    );
     let task: Task = db!(state.db, write, |conn| diesel::insert_into(tasks::table)
-        .values(&new_task)
+        .values(columns)
         .returning(Task::as_returning())
         .get_result(conn))?;
+    let location = format!("/api/{}/tasks/{}", task.user_id, task.id);
     Ok(HttpResponse::Created()
-        .insert_header((
-            header::LOCATION,
-            format!("/api/{}/tasks/{}", task.user_id, task.id),
-        ))
+        .insert_header((header::LOCATION, location))
         .json(task))
 }
 
 /// One task.
-#[utoipa::path(
-    tag = "tasks",
-    security(("bearer" = []), ("oauth2" = [])),
-    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
-    responses(
-        (status = 200, description = "The task", body = Task),
-        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
-    )
-)]
+#[utoipa::path(tag = "tasks", params(TaskRef), responses(
+    (status = 200, description = "The task", body = Task),
+    Unauthorized, NotYourTasks, TaskNotFound, Invalid,
+))]
 #[get("/api/{user_id}/tasks/{id}")]
-async fn read_task(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    path: web::Path<(String, i64)>,
-) -> Result<web::Json<Task>, ApiError> {
-    let (owner, id) = task_path(&user, path)?;
-    let task = db!(state.db, read, |conn| async {
-        owned_task(owner, id)
+async fn read_task(state: State, task: TaskRef) -> Result<Json<Task>> {
+    let found = db!(state.db, read, |conn| async {
+        task.row()
             .select(Task::as_select())
             .first(conn)
             .await
             .optional()
     })?;
-    task.map(web::Json).ok_or(TASK_NOT_FOUND)
-}
-
-/// Applies `changes` to the caller's task `id` and returns it, or 404.
-async fn update_task(
-    state: &AppState,
-    owner: &str,
-    id: i64,
-    changes: TaskChanges,
-) -> Result<web::Json<Task>, ApiError> {
-    let task = db!(state.db, write, |conn| async {
-        diesel::update(owned_task(owner, id))
-            .set(&changes)
-            .returning(Task::as_returning())
-            .get_result(conn)
-            .await
-            .optional()
-    })?;
-    task.map(web::Json).ok_or(TASK_NOT_FOUND)
+    found.map(Json).ok_or(TASK_NOT_FOUND)
 }
 
 /// Replace a task: an omitted `description` becomes null, an omitted `completed` false.
-#[utoipa::path(
-    tag = "tasks",
-    security(("bearer" = []), ("oauth2" = [])),
-    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
-    request_body = TaskInput,
-    responses(
-        (status = 200, description = "The replaced task", body = Task),
-        Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
-    )
-)]
+#[utoipa::path(tag = "tasks", params(TaskRef), request_body = TaskInput, responses(
+    (status = 200, description = "The replaced task", body = Task),
+    Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
+))]
 #[put("/api/{user_id}/tasks/{id}")]
-async fn replace_task(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    path: web::Path<(String, i64)>,
-    body: JsonBody,
-) -> Result<web::Json<Task>, ApiError> {
-    let (owner, id) = task_path(&user, path)?;
-    let body: TaskInput = body.parse()?;
-    let changes = TaskChanges {
-        title: Some(body.title),
-        description: Some(body.description),
-        completed: Some(body.completed),
-        updated_at: now(),
-    };
-    update_task(&state, owner, id, changes).await
+async fn replace_task(state: State, task: TaskRef, body: JsonBody) -> Result<Json<Task>> {
+    let replacement: TaskInput = body.parse()?;
+    let replaced = update_returning!(state.db, task.row(), &replacement, tasks => Task)?;
+    replaced.map(Json).ok_or(TASK_NOT_FOUND)
 }
 
 /// Change some fields of a task; `"description": null` clears it.
-#[utoipa::path(
-    tag = "tasks",
-    security(("bearer" = []), ("oauth2" = [])),
-    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
-    request_body = TaskPatch,
-    responses(
-        (status = 200, description = "The updated task", body = Task),
-        Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
-    )
-)]
+#[utoipa::path(tag = "tasks", params(TaskRef), request_body = TaskPatch, responses(
+    (status = 200, description = "The updated task", body = Task),
+    Unauthorized, NotYourTasks, TaskNotFound, BodyTooLarge, NotJson, Invalid,
+))]
 #[patch("/api/{user_id}/tasks/{id}")]
-async fn patch_task(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    path: web::Path<(String, i64)>,
-    body: JsonBody,
-) -> Result<web::Json<Task>, ApiError> {
-    let (owner, id) = task_path(&user, path)?;
-    let body: TaskPatch = body.parse()?;
-    let changes = TaskChanges {
-        title: body.title,
-        description: body.description,
-        completed: body.completed,
-        updated_at: now(),
-    };
-    update_task(&state, owner, id, changes).await
+async fn patch_task(state: State, task: TaskRef, body: JsonBody) -> Result<Json<Task>> {
+    let changes = body.parse::<TaskPatch>()?;
+    update_returning!(state.db, task.row(), &changes, tasks => Task)?
+        .map(Json)
+        .ok_or(TASK_NOT_FOUND)
 }
 
 /// Delete a task.
-#[utoipa::path(
-    tag = "tasks",
-    security(("bearer" = []), ("oauth2" = [])),
-    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
-    responses(
-        (status = 204, description = "Deleted"),
-        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
-    )
-)]
+#[utoipa::path(tag = "tasks", params(TaskRef), responses(
+    (status = 204, description = "Deleted"),
+    Unauthorized, NotYourTasks, TaskNotFound, Invalid,
+))]
 #[delete("/api/{user_id}/tasks/{id}")]
-async fn delete_task(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    path: web::Path<(String, i64)>,
-) -> Result<HttpResponse, ApiError> {
-    let (owner, id) = task_path(&user, path)?;
-    let deleted = db!(state.db, write, |conn| diesel::delete(owned_task(
-        owner, id
-    ))
-    .execute(conn))?;
-    if deleted == 0 {
-        return Err(TASK_NOT_FOUND);
+async fn delete_task(state: State, task: TaskRef) -> Result<HttpResponse> {
+    match db!(state.db, write, |conn| diesel::delete(task.row())
+        .execute(conn))?
+    {
+        0 => Err(TASK_NOT_FOUND),
+        _ => Ok(HttpResponse::NoContent().finish()),
     }
-    Ok(HttpResponse::NoContent().finish())
 }
 
 /// Toggle `completed`, atomically (one UPDATE, so concurrent toggles never lose one).
-#[utoipa::path(
-    tag = "tasks",
-    security(("bearer" = []), ("oauth2" = [])),
-    params(("user_id" = String, Path, description = "The caller's id, or `me`"), ("id" = i64, Path, description = "Task id")),
-    responses(
-        (status = 200, description = "The task with `completed` flipped", body = Task),
-        Unauthorized, NotYourTasks, TaskNotFound, Invalid,
-    )
-)]
+#[utoipa::path(tag = "tasks", params(TaskRef), responses(
+    (status = 200, description = "The task with `completed` flipped", body = Task),
+    Unauthorized, NotYourTasks, TaskNotFound, Invalid,
+))]
 #[patch("/api/{user_id}/tasks/{id}/complete")]
-async fn toggle_task(
-    state: web::Data<AppState>,
-    CurrentUser(user): CurrentUser,
-    path: web::Path<(String, i64)>,
-) -> Result<web::Json<Task>, ApiError> {
-    let (owner, id) = task_path(&user, path)?;
-    let task = db!(state.db, write, |conn| async {
-        diesel::update(owned_task(owner, id))
-            .set((
-                tasks::completed.eq(diesel::dsl::not(tasks::completed)),
-                tasks::updated_at.eq(now()),
-            ))
-            .returning(Task::as_returning())
-            .get_result(conn)
-            .await
-            .optional()
-    })?;
-    task.map(web::Json).ok_or(TASK_NOT_FOUND)
+async fn toggle_task(state: State, task: TaskRef) -> Result<Json<Task>> {
+    let flip = tasks::completed.eq(diesel::dsl::not(tasks::completed));
+    let toggled = update_returning!(state.db, task.row(), flip, tasks => Task)?;
+    toggled.map(Json).ok_or(TASK_NOT_FOUND)
 }
 
 // ----- [docs] and the router's own answers -------------------------------------------------------
@@ -3291,9 +3111,13 @@ fn openapi_document() -> utoipa::openapi::OpenApi {
             &mut item.patch,
         ];
         for operation in operations.into_iter().flatten() {
-            // A route that names no security scheme is public: say so (`security: []`), so
-            // generated clients and linters do not have to guess.
-            operation.security.get_or_insert_with(Vec::new);
+            // A route needs a token unless it says `security()`: public routes opt out, so a
+            // new route cannot be documented as public by forgetting a line.
+            operation.security.get_or_insert_with(|| {
+                ["bearer", "oauth2"]
+                    .map(|scheme| SecurityRequirement::new(scheme, Vec::<String>::new()))
+                    .into()
+            });
             // Every header this API declares is sent on every such response. utoipa 6's
             // `Header` has no `required` field, so it goes in through the extensions map.
             let headers = operation
@@ -3596,15 +3420,6 @@ async fn serve(config: Config) -> Result<(), String> {
             .into_app()
             .app_data(state.clone())
             .app_data(known_routes.clone())
-            // The task id is the only typed path parameter: a path that fails to parse names it.
-            .app_data(web::PathConfig::default().error_handler(|_, _| {
-                ApiError::Invalid(vec![field_error(
-                    &["path", "id"],
-                    "Input should be a valid integer",
-                    "int_parsing",
-                )])
-                .into()
-            }))
             .service(web::redirect("/docs", "/docs/"))
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
             .default_service(web::to(no_route))
