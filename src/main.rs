@@ -1856,12 +1856,9 @@ impl FromRequest for TaskOwner {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let in_path = req.match_info().get("user_id").unwrap_or_default();
+        let in_path = in_path.to_owned();
         let user = CurrentUser::from_request(req, payload);
-        let in_path = req
-            .match_info()
-            .get("user_id")
-            .unwrap_or_default()
-            .to_owned();
         async move {
             let CurrentUser(user) = user.await?;
             if in_path != "me" && in_path != user.id {
@@ -1894,17 +1891,16 @@ impl FromRequest for TaskRef {
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let owner = TaskOwner::from_request(req, payload);
         let id = req.match_info().get("id").and_then(|id| id.parse().ok());
+        let not_an_integer = || {
+            let msg = "Input should be a valid integer";
+            ApiError::Invalid(vec![field_error(&["path", "id"], msg, "int_parsing")])
+        };
         async move {
-            let TaskOwner { user_id } = owner.await?;
-            let id = id.ok_or_else(|| {
-                let not_an_integer = "Input should be a valid integer";
-                ApiError::Invalid(vec![field_error(
-                    &["path", "id"],
-                    not_an_integer,
-                    "int_parsing",
-                )])
-            })?;
-            Ok(TaskRef { user_id, id })
+            let user_id = owner.await?.user_id;
+            Ok(TaskRef {
+                user_id,
+                id: id.ok_or_else(not_an_integer)?,
+            })
         }
         .boxed_local()
     }
@@ -2612,76 +2608,54 @@ impl AppState {
 
 use error_responses::*;
 
-/// Types that exist only to be listed in `responses(...)`: they are never built.
+/// Types that exist only to be listed in `responses(...)`: they are never built. Each line is
+/// `Name(body) = (what utoipa's #[response(…)] takes)`, under the description as a doc comment.
 mod error_responses {
     #![allow(dead_code)]
     use super::{ErrorDetail, IntoResponses, ValidationErrorBody};
 
-    /// Missing or invalid token
-    #[derive(IntoResponses)]
-    #[response(
-        status = 401,
-        headers(("WWW-Authenticate" = String, description = "`Bearer`")),
-        examples(
-            ("no token" = (value = json!({"detail": "Not authenticated"}))),
-            ("invalid token" = (value = json!({"detail": "Could not validate credentials"}))),
-        )
-    )]
-    pub struct Unauthorized(ErrorDetail);
+    macro_rules! error_responses {
+        ($($(#[doc = $doc:literal])* $name:ident($body:ty) = ($($response:tt)*);)*) => {
+            $($(#[doc = $doc])* #[derive(IntoResponses)] #[response($($response)*)] pub struct $name($body);)*
+        };
+    }
 
-    /// Incorrect email or password
-    #[derive(IntoResponses)]
-    #[response(
-        status = 401,
-        headers(("WWW-Authenticate" = String, description = "`Bearer`")),
-        example = json!({"detail": "Incorrect email or password"})
-    )]
-    pub struct BadCredentials(ErrorDetail);
-
-    /// Too many failed attempts at a password (for this email, from this client, or for this user)
-    #[derive(IntoResponses)]
-    #[response(
-        status = 429,
-        headers(("Retry-After" = u64, description = "Seconds until another attempt is allowed")),
-        example = json!({"detail": "Too many login attempts"})
-    )]
-    pub struct TooManyAttempts(ErrorDetail);
-
-    /// `{user_id}` is another user
-    #[derive(IntoResponses)]
-    #[response(status = 403, example = json!({"detail": "Not allowed to access another user's tasks"}))]
-    pub struct NotYourTasks(ErrorDetail);
-
-    /// No such task of this user
-    #[derive(IntoResponses)]
-    #[response(status = 404, example = json!({"detail": "Task not found"}))]
-    pub struct TaskNotFound(ErrorDetail);
-
-    /// The email belongs to another account
-    #[derive(IntoResponses)]
-    #[response(status = 409, example = json!({"detail": "Email already registered"}))]
-    pub struct EmailTaken(ErrorDetail);
-
-    /// The body is larger than the limit (64 KiB for JSON, 4 KiB for forms)
-    #[derive(IntoResponses)]
-    #[response(status = 413, example = json!({"detail": "Request body is larger than 65536 bytes"}))]
-    pub struct BodyTooLarge(ErrorDetail);
-
-    /// The body is not `application/json`
-    #[derive(IntoResponses)]
-    #[response(status = 415, example = json!({"detail": "Unsupported media type: expected application/json"}))]
-    pub struct NotJson(ErrorDetail);
-
-    /// Validation error: every problem of the input, each located by `loc`
-    #[derive(IntoResponses)]
-    #[response(
-        status = 422,
-        example = json!({"detail": [
+    error_responses! {
+        /// Missing or invalid token
+        Unauthorized(ErrorDetail) = (status = 401,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`")),
+            examples(
+                ("no token" = (value = json!({"detail": "Not authenticated"}))),
+                ("invalid token" = (value = json!({"detail": "Could not validate credentials"}))),
+            ));
+        /// Incorrect email or password
+        BadCredentials(ErrorDetail) = (status = 401,
+            headers(("WWW-Authenticate" = String, description = "`Bearer`")),
+            example = json!({"detail": "Incorrect email or password"}));
+        /// Too many failed attempts at a password (for this email, from this client, or for this user)
+        TooManyAttempts(ErrorDetail) = (status = 429,
+            headers(("Retry-After" = u64, description = "Seconds until another attempt is allowed")),
+            example = json!({"detail": "Too many login attempts"}));
+        /// `{user_id}` is another user
+        NotYourTasks(ErrorDetail) = (status = 403,
+            example = json!({"detail": "Not allowed to access another user's tasks"}));
+        /// No such task of this user
+        TaskNotFound(ErrorDetail) = (status = 404, example = json!({"detail": "Task not found"}));
+        /// The email belongs to another account
+        EmailTaken(ErrorDetail) = (status = 409,
+            example = json!({"detail": "Email already registered"}));
+        /// The body is larger than the limit (64 KiB for JSON, 4 KiB for forms)
+        BodyTooLarge(ErrorDetail) = (status = 413,
+            example = json!({"detail": "Request body is larger than 65536 bytes"}));
+        /// The body is not `application/json`
+        NotJson(ErrorDetail) = (status = 415,
+            example = json!({"detail": "Unsupported media type: expected application/json"}));
+        /// Validation error: every problem of the input, each located by `loc`
+        Invalid(ValidationErrorBody) = (status = 422, example = json!({"detail": [
             {"loc": ["body", "title"], "msg": "String should have at least 1 character", "type": "string_too_short"},
             {"loc": ["body", "completed"], "msg": "Input should be a valid boolean", "type": "bool_type"},
-        ]})
-    )]
-    pub struct Invalid(ValidationErrorBody);
+        ]}));
+    }
 }
 
 // ----- [health] ----------------------------------------------------------------------------------
@@ -3006,8 +2980,9 @@ async fn read_task(state: State, task: TaskRef) -> Result<Json<Task>> {
 #[put("/api/{user_id}/tasks/{id}")]
 async fn replace_task(state: State, task: TaskRef, body: JsonBody) -> Result<Json<Task>> {
     let replacement: TaskInput = body.parse()?;
-    let replaced = update_returning!(state.db, task.row(), &replacement, tasks => Task)?;
-    replaced.map(Json).ok_or(TASK_NOT_FOUND)
+    update_returning!(state.db, task.row(), &replacement, tasks => Task)?
+        .map(Json)
+        .ok_or(TASK_NOT_FOUND)
 }
 
 /// Change some fields of a task; `"description": null` clears it.
