@@ -90,26 +90,6 @@ enum DatabaseUrl {
     Postgres(String),
 }
 
-/// A configuration problem: which variable, and what is wrong with it.
-#[derive(Debug)]
-struct ConfigError {
-    variable: &'static str,
-    problem: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.variable, self.problem)
-    }
-}
-
-fn config_error(variable: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        variable,
-        problem: problem.into(),
-    }
-}
-
 /// How long a client may take to send a request body unless `REQUEST_BODY_TIMEOUT` says otherwise.
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -118,140 +98,87 @@ fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// A variable parsed as `T`: `None` when unset, an error when set to something `valid` refuses.
+/// A variable parsed as `T`: `None` when unset, an error naming it when set to something
+/// `valid` refuses.
 fn parse_env<T: FromStr>(
-    name: &'static str,
+    name: &str,
     valid: impl Fn(&T) -> bool,
     expected: &str,
-) -> Result<Option<T>, ConfigError> {
-    match env_var(name) {
-        None => Ok(None),
-        Some(raw) => match raw.trim().parse::<T>() {
-            Ok(value) if valid(&value) => Ok(Some(value)),
-            _ => Err(config_error(
-                name,
-                format!("expected {expected}, got {raw:?}"),
-            )),
-        },
+) -> Result<Option<T>, String> {
+    let Some(raw) = env_var(name) else {
+        return Ok(None);
+    };
+    match raw.trim().parse::<T>() {
+        Ok(value) if valid(&value) => Ok(Some(value)),
+        _ => Err(format!("{name}: expected {expected}, got {raw:?}")),
     }
 }
 
-fn comma_separated(raw: Option<String>) -> Vec<String> {
-    raw.map(|r| {
-        r.split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
-    })
-    .unwrap_or_default()
+/// A comma-separated variable, each item kept by `parse` or refused as not `expected`.
+fn parse_list<T>(
+    name: &str,
+    parse: impl Fn(&str) -> Option<T>,
+    expected: &str,
+) -> Result<Vec<T>, String> {
+    let raw = env_var(name).unwrap_or_default();
+    let items = raw.split(',').map(str::trim).filter(|s| !s.is_empty());
+    items
+        .map(|item| parse(item).ok_or(format!("{name}: {item:?} is not {expected}")))
+        .collect()
+}
+
+/// `url` if it is an absolute http(s) URL with a host.
+fn http_url(url: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
 }
 
 impl Config {
-    fn from_env() -> Result<Config, ConfigError> {
+    fn from_env() -> Result<Config, String> {
         // The environment wins over `.env`: dotenvy never overwrites a variable that is set.
         match dotenvy::from_path(".env") {
             Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
             // Not the error's text: it quotes the line, which may hold a secret.
             Err(dotenvy::Error::LineParse(_, at)) => {
-                return Err(config_error(
-                    ".env",
-                    format!("cannot parse the line at byte {at}"),
-                ))
+                return Err(format!(".env: cannot parse the line at byte {at}"))
             }
-            Err(e) => return Err(config_error(".env", e.to_string())),
+            Err(e) => return Err(format!(".env: {e}")),
             Ok(()) => {}
         }
-
-        let database = parse_database_url(
-            &env_var("DATABASE_URL").unwrap_or_else(|| "sqlite://todo.db".into()),
-        )?;
-
-        // Set counts even when empty: an empty secret is a mistake to report, not to paper over.
-        let configured_secret = ["JWT_SECRET", "BETTER_AUTH_SECRET"]
-            .into_iter()
-            .find_map(|name| std::env::var(name).ok().map(|secret| (name, secret)));
-        let jwt_secret_is_random = configured_secret.is_none();
-        let jwt_secret = match configured_secret {
-            Some((name, secret)) if secret.len() < 32 => {
-                return Err(config_error(
-                    name,
-                    format!("must be at least 32 bytes, got {}", secret.len()),
-                ))
-            }
-            Some((_, secret)) => secret.into_bytes(),
-            None => rand::random::<[u8; 32]>().to_vec(),
-        };
-
+        let (jwt_secret, jwt_secret_is_random) = jwt_secret()?;
         let jwks_url = env_var("JWT_JWKS_URL");
-        if let Some(url) = &jwks_url {
-            match reqwest::Url::parse(url) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                _ => {
-                    return Err(config_error(
-                        "JWT_JWKS_URL",
-                        format!("not an http(s) URL: {url:?}"),
-                    ))
-                }
-            }
+        if let Some(url) = jwks_url.as_deref().filter(|url| http_url(url).is_none()) {
+            return Err(format!("JWT_JWKS_URL: not an http(s) URL: {url:?}"));
         }
-
-        let cors_origins = comma_separated(env_var("CORS_ORIGINS"));
-        for origin in &cors_origins {
-            let valid = reqwest::Url::parse(origin).is_ok_and(|u| {
-                matches!(u.scheme(), "http" | "https")
-                    && u.host().is_some()
-                    && u.path() == "/"
-                    && !origin.ends_with('/')
-            });
-            if !valid {
-                return Err(config_error(
-                    "CORS_ORIGINS",
-                    format!("{origin:?} is not an origin like http://localhost:3000"),
-                ));
-            }
-        }
-
-        let trusted_proxies = comma_separated(env_var("TRUSTED_PROXIES"))
-            .iter()
-            .map(|ip| {
-                ip.parse::<IpAddr>().map_err(|_| {
-                    config_error("TRUSTED_PROXIES", format!("{ip:?} is not an IP address"))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-
         let seconds = |name| {
-            parse_env(
-                name,
-                |s: &f64| *s > 0.0 && *s <= 3600.0,
-                "seconds between 0 and 3600",
-            )
-            .map(|s| s.map(Duration::from_secs_f64))
+            let valid = |s: &f64| *s > 0.0 && *s <= 3600.0;
+            parse_env(name, valid, "seconds between 0 and 3600")
+                .map(|s| s.map(Duration::from_secs_f64))
         };
-        // DATABASE_POOL_TIMEOUT is the variable's older name, still honoured.
-        let database_timeout = match seconds("DATABASE_TIMEOUT")? {
-            Some(timeout) => timeout,
-            None => seconds("DATABASE_POOL_TIMEOUT")?.unwrap_or(Duration::from_secs(3)),
-        };
-        let token_minutes: u64 = parse_env(
+        let minutes = "minutes from 1 to 525600";
+        let token_minutes = parse_env(
             "ACCESS_TOKEN_EXPIRE_MINUTES",
             |m| (1..=525_600).contains(m),
-            "minutes from 1 to 525600",
-        )?
-        .unwrap_or(30);
-
+            minutes,
+        )?;
         Ok(Config {
-            database,
+            database: parse_database_url(
+                &env_var("DATABASE_URL").unwrap_or_else(|| "sqlite://todo.db".into()),
+            )?,
             host: env_var("HOST").unwrap_or_else(|| "127.0.0.1".into()),
             port: parse_env("PORT", |_| true, "a port number (0-65535)")?.unwrap_or(8000),
             jwt_secret,
             jwt_secret_is_random,
-            access_token_ttl: Duration::from_secs(60 * token_minutes),
+            access_token_ttl: Duration::from_secs(60 * token_minutes.unwrap_or(30)),
             jwks_url,
             jwt_issuer: env_var("JWT_ISSUER"),
             jwt_audience: env_var("JWT_AUDIENCE"),
-            cors_origins,
+            cors_origins: parse_list(
+                "CORS_ORIGINS",
+                cors_origin,
+                "an origin like http://localhost:3000",
+            )?,
             bcrypt_cost: parse_env("BCRYPT_COST", |c| (4..=31).contains(c), "4 to 31")?
                 .unwrap_or(12),
             pool_size: parse_env(
@@ -259,8 +186,12 @@ impl Config {
                 |n| (1..=1000).contains(n),
                 "1 to 1000",
             )?,
-            database_timeout,
-            trusted_proxies,
+            // DATABASE_POOL_TIMEOUT is the variable's older name, still honoured.
+            database_timeout: match seconds("DATABASE_TIMEOUT")? {
+                Some(timeout) => timeout,
+                None => seconds("DATABASE_POOL_TIMEOUT")?.unwrap_or(Duration::from_secs(3)),
+            },
+            trusted_proxies: parse_list("TRUSTED_PROXIES", |ip| ip.parse().ok(), "an IP address")?,
             body_timeout: seconds("REQUEST_BODY_TIMEOUT")?.unwrap_or(DEFAULT_BODY_TIMEOUT),
             max_connections: parse_env(
                 "MAX_CONNECTIONS",
@@ -272,28 +203,51 @@ impl Config {
     }
 }
 
-fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
-    let invalid = |why: &str| config_error("DATABASE_URL", format!("{why}: {:?}", redact_url(url)));
+/// `JWT_SECRET` (or Better Auth's `BETTER_AUTH_SECRET`), and whether a random one stands in
+/// for it. Set counts even when empty: an empty secret is a mistake to report, not to paper over.
+fn jwt_secret() -> Result<(Vec<u8>, bool), String> {
+    let configured = ["JWT_SECRET", "BETTER_AUTH_SECRET"]
+        .into_iter()
+        .find_map(|name| std::env::var(name).ok().map(|secret| (name, secret)));
+    match configured {
+        Some((name, secret)) if secret.len() < 32 => Err(format!(
+            "{name}: must be at least 32 bytes, got {}",
+            secret.len()
+        )),
+        Some((_, secret)) => Ok((secret.into_bytes(), false)),
+        None => Ok((rand::random::<[u8; 32]>().to_vec(), true)),
+    }
+}
+
+/// A CORS origin: scheme and host (and port), nothing after them, e.g. `http://localhost:3000`.
+fn cors_origin(origin: &str) -> Option<String> {
+    let url = http_url(origin)?;
+    (url.path() == "/" && !origin.ends_with('/')).then(|| origin.to_string())
+}
+
+fn parse_database_url(url: &str) -> Result<DatabaseUrl, String> {
+    let invalid = |why: &str| format!("DATABASE_URL: {why}: {:?}", redact_url(url));
     if url == "sqlite::memory:" || url == "sqlite://:memory:" {
         // diesel's SQLite driver knows only SQLite's own spelling.
-        Ok(DatabaseUrl::Sqlite(":memory:".into()))
-    } else if let Some(path) = url
+        return Ok(DatabaseUrl::Sqlite(":memory:".into()));
+    }
+    if let Some(path) = url
         .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
+        .or(url.strip_prefix("sqlite:"))
     {
         if path.is_empty() {
             return Err(invalid("no file path after sqlite://"));
         }
-        Ok(DatabaseUrl::Sqlite(path.into()))
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        url.parse::<tokio_postgres::Config>()
-            .map_err(|e| invalid(&format!("not a valid PostgreSQL URL ({e})")))?;
-        Ok(DatabaseUrl::Postgres(url.into()))
-    } else {
-        Err(invalid(
-            "expected sqlite://PATH, sqlite::memory: or postgres://…",
-        ))
+        return Ok(DatabaseUrl::Sqlite(path.into()));
     }
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        return Err(invalid(
+            "expected sqlite://PATH, sqlite::memory: or postgres://…",
+        ));
+    }
+    url.parse::<tokio_postgres::Config>()
+        .map_err(|e| invalid(&format!("not a valid PostgreSQL URL ({e})")))?;
+    Ok(DatabaseUrl::Postgres(url.into()))
 }
 
 /// A database URL fit for a log line: the password, if any, replaced.
