@@ -449,6 +449,30 @@ struct NewUser<'a> {
     updated_at: UtcTime,
 }
 
+impl<'a> NewUser<'a> {
+    /// A user created now: with a password hash for a local account, with the issuer for one
+    /// created from an external token.
+    fn now(
+        id: &'a str,
+        email: &'a str,
+        name: Option<&'a str>,
+        password_hash: Option<&'a str>,
+        issuer: Option<&'a str>,
+    ) -> Self {
+        let time = now();
+        let (created_at, updated_at) = (time, time);
+        NewUser {
+            id,
+            email,
+            name,
+            password_hash,
+            issuer,
+            created_at,
+            updated_at,
+        }
+    }
+}
+
 #[derive(Queryable, Selectable, Serialize, ToSchema, Debug)]
 #[diesel(table_name = tasks)]
 struct Task {
@@ -926,13 +950,6 @@ fn email(email: &mut String) -> Result<(), Problem> {
         Ok(())
     } else {
         Err(problem("value is not a valid email address", "value_error"))
-    }
-}
-
-/// `email` for callers that collect `FieldError`s themselves (users from an external issuer).
-fn check_email(address: &mut String, field: &str, errors: &mut Vec<FieldError>) {
-    if let Err((msg, kind)) = email(address) {
-        errors.push(field_error(&["body", field], msg, kind));
     }
 }
 
@@ -1881,24 +1898,6 @@ fn bearer_token(req: &HttpRequest) -> Option<String> {
 
 const INVALID_TOKEN: ApiError = ApiError::Unauthorized("Could not validate credentials");
 
-/// Who a verified token speaks for.
-struct Identity {
-    user_id: String,
-    /// `iat`, when the token has one: a token older than the user's last password change is void.
-    issued_at: Option<f64>,
-    /// `None` for a token signed with `JWT_SECRET`; the issuer's claims for one from the JWK Set.
-    external: Option<ExternalProfile>,
-}
-
-/// What an external token says about its user, who is created from it on first sight.
-struct ExternalProfile {
-    /// `JWT_ISSUER`, else the JWK Set URL: whose keys vouch for the token. An external token
-    /// only reaches the accounts its own issuer created.
-    issuer: String,
-    email: Option<String>,
-    name: Option<String>,
-}
-
 /// What this server puts in the tokens it issues.
 #[derive(Serialize)]
 struct Claims {
@@ -1907,20 +1906,23 @@ struct Claims {
     exp: u64,
 }
 
-/// What a local token must carry beyond `exp` and `nbf` (which jsonwebtoken checks): `iat` is
-/// optional, as it is for PyJWT, but a number when present.
+/// What a verified token says beyond `exp` and `nbf` (which jsonwebtoken checks). `iat` is
+/// optional, as it is for PyJWT, but a number when present; `email` and `name` come in an
+/// external issuer's tokens (Better Auth's), and its user is created from them on first sight.
 #[derive(Deserialize)]
-struct LocalClaims {
-    sub: String,
-    iat: Option<f64>,
-}
-
-#[derive(Deserialize)]
-struct ExternalClaims {
+struct TokenClaims {
     sub: String,
     iat: Option<f64>,
     email: Option<String>,
     name: Option<String>,
+}
+
+/// Who a verified token speaks for.
+struct Identity {
+    claims: TokenClaims,
+    /// `None` for a token signed with `JWT_SECRET`. For one from the JWK Set, `JWT_ISSUER`,
+    /// else the JWK Set URL: whose keys vouch for it. It only reaches accounts that issuer created.
+    issuer: Option<String>,
 }
 
 /// Issues and verifies tokens. Keys and validation rules are built once, at startup.
@@ -1991,33 +1993,24 @@ impl TokenAuthority {
         if header.jku.is_some() || header.x5u.is_some() || header.jwk.is_some() {
             return Err(INVALID_TOKEN);
         }
-        if header.alg == Algorithm::HS256 {
-            let claims =
-                jsonwebtoken::decode::<LocalClaims>(token, &self.decoding_key, &self.validation)
-                    .map_err(|_| INVALID_TOKEN)?
-                    .claims;
-            return Ok(Identity {
-                user_id: valid_subject(claims.sub)?,
-                issued_at: claims.iat,
-                external: None,
-            });
-        }
-        let jwks = self.jwks.as_ref().ok_or(INVALID_TOKEN)?;
-        let kid = header.kid.ok_or(INVALID_TOKEN)?;
-        let key = jwks.key(&kid).await.ok_or(INVALID_TOKEN)?;
-        let claims =
-            jsonwebtoken::decode::<ExternalClaims>(token, &key.decoding_key, &key.validation)
-                .map_err(|_| INVALID_TOKEN)?
-                .claims;
-        Ok(Identity {
-            user_id: valid_subject(claims.sub)?,
-            issued_at: claims.iat,
-            external: Some(ExternalProfile {
-                issuer: jwks.issuer.clone(),
-                email: claims.email,
-                name: claims.name,
-            }),
-        })
+        let external = match (header.alg, &self.jwks, header.kid) {
+            (Algorithm::HS256, _, _) => None,
+            (_, Some(jwks), Some(kid)) => {
+                let key = jwks.key(&kid).await.ok_or(INVALID_TOKEN)?;
+                Some((key, jwks.issuer.clone()))
+            }
+            _ => return Err(INVALID_TOKEN),
+        };
+        let (key, validation) = match &external {
+            None => (&self.decoding_key, &self.validation),
+            Some((key, _)) => (&key.decoding_key, &key.validation),
+        };
+        let claims = jsonwebtoken::decode::<TokenClaims>(token, key, validation)
+            .map_err(|_| INVALID_TOKEN)?
+            .claims;
+        valid_subject(&claims.sub)?;
+        let issuer = external.map(|(_, issuer)| issuer);
+        Ok(Identity { claims, issuer })
     }
 }
 
@@ -2027,15 +2020,11 @@ const SUBJECT_MAX_CHARS: usize = 255;
 /// A token's `sub` becomes a user id, a path segment and part of a `Location` header, so it
 /// must be printable text (no NUL, no newline) of sensible length; checked before anything
 /// is written.
-fn valid_subject(sub: String) -> Result<String, ApiError> {
+fn valid_subject(sub: &str) -> Result<(), ApiError> {
     let printable = !sub.trim().is_empty()
         && sub.chars().count() <= SUBJECT_MAX_CHARS
         && !sub.chars().any(char::is_control);
-    if printable {
-        Ok(sub)
-    } else {
-        Err(INVALID_TOKEN)
-    }
+    printable.then_some(()).ok_or(INVALID_TOKEN)
 }
 
 /// A public key from the JWK Set with the only validation rules it may be used with.
@@ -2214,30 +2203,26 @@ impl PasswordHasher {
         })
     }
 
-    async fn hash(&self, password: String) -> Result<String, ApiError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    /// Runs `work` on the blocking pool once a permit is free.
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let permit = self.permits.acquire().await;
+        let _permit = permit.map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(web::block(work).await?)
+    }
+
+    async fn hash(&self, password: String) -> Result<String> {
         let cost = self.cost;
-        web::block(move || bcrypt::hash(password, cost))
-            .await?
-            .map_err(|e| ApiError::Internal(format!("bcrypt: {e}")))
+        let hashed = self.run(move || bcrypt::hash(password, cost)).await?;
+        hashed.map_err(|e| ApiError::Internal(format!("bcrypt: {e}")))
     }
 
     /// Whether `password` matches `hash`; with no hash (unknown user, or one who signs in
     /// elsewhere) it checks against the dummy and answers false, in the same time.
-    async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, ApiError> {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    async fn verify(&self, password: String, hash: Option<String>) -> Result<bool> {
         let usable = hash.is_some() && password.len() <= PASSWORD_MAX_BYTES;
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
-        let matches = web::block(move || bcrypt::verify(password, &hash).unwrap_or(false)).await?;
-        Ok(usable && matches)
+        let matches = self.run(move || bcrypt::verify(password, &hash).unwrap_or(false));
+        Ok(usable && matches.await?)
     }
 }
 
@@ -2267,10 +2252,8 @@ impl Bucket<'_> {
             // Attackers choose the emails; one longer than any valid email is no account, and
             // cutting it keeps the rows small.
             Bucket::Email(email) => {
-                format!(
-                    "email:{}",
-                    email.chars().take(EMAIL_MAX_CHARS).collect::<String>()
-                )
+                let cut: String = email.chars().take(EMAIL_MAX_CHARS).collect();
+                format!("email:{cut}")
             }
             Bucket::Client(ip) => format!("client:{ip}"),
             Bucket::PasswordOf(user_id) => format!("user:{user_id}"),
@@ -2371,52 +2354,39 @@ impl AppState {
     /// The user a verified token names. External users are created on first sight and only
     /// ever reached by their own issuer's tokens; a token issued before the user's last
     /// password change is void.
-    async fn user_for(&self, identity: Identity) -> Result<User, ApiError> {
+    async fn user_for(&self, identity: Identity) -> Result<User> {
+        let Identity { claims, issuer } = identity;
         let found = db!(self.db, read, |conn| async {
-            users::table
-                .find(&identity.user_id)
-                .select(User::as_select())
-                .first(conn)
-                .await
-                .optional()
+            let user_named = users::table.find(&claims.sub).select(User::as_select());
+            user_named.first(conn).await.optional()
         })?;
-        let user = match (found, identity.external) {
+        let user = match (found, issuer) {
             (Some(user), None) => user,
             (None, None) => return Err(INVALID_TOKEN),
-            (Some(user), Some(profile)) => self.vouched_for(user, &profile.issuer).await?,
-            (None, Some(profile)) => self.create_external_user(identity.user_id, profile).await?,
+            (Some(user), Some(issuer)) => self.vouched_for(user, issuer).await?,
+            (None, Some(issuer)) => self.create_external_user(&claims, issuer).await?,
         };
         // A token without `iat` cannot show it is newer than the last password change.
-        let fresh = user.tokens_not_before == 0
-            || identity
-                .issued_at
-                .is_some_and(|iat| iat >= user.tokens_not_before as f64);
-        if fresh {
-            Ok(user)
-        } else {
-            Err(INVALID_TOKEN)
-        }
+        let not_before = user.tokens_not_before;
+        let fresh = not_before == 0 || claims.iat.is_some_and(|iat| iat >= not_before as f64);
+        fresh.then_some(user).ok_or(INVALID_TOKEN)
     }
 
     /// `user`, if `issuer` created it; 401 for a local account or another issuer's user, so an
     /// issuer cannot reach accounts by choosing a `sub` that names them.
-    async fn vouched_for(&self, user: User, issuer: &str) -> Result<User, ApiError> {
+    async fn vouched_for(&self, user: User, issuer: String) -> Result<User> {
         match user.issuer.as_deref() {
             Some(own) if own == issuer => Ok(user),
             // Created before issuers were recorded: the first verified issuer claims it.
             Some("") => {
-                let claimed = db!(self.db, write, |conn| diesel::update(
-                    users::table.find(&user.id).filter(users::issuer.eq(""))
-                )
-                .set(users::issuer.eq(issuer))
-                .execute(conn))?;
-                if claimed == 1 {
-                    Ok(User {
-                        issuer: Some(issuer.to_string()),
+                let unclaimed = users::table.find(&user.id).filter(users::issuer.eq(""));
+                let claim = diesel::update(unclaimed).set(users::issuer.eq(&issuer));
+                match db!(self.db, write, |conn| claim.execute(conn))? {
+                    1 => Ok(User {
+                        issuer: Some(issuer),
                         ..user
-                    })
-                } else {
-                    Err(INVALID_TOKEN) // another issuer claimed it a moment ago
+                    }),
+                    _ => Err(INVALID_TOKEN), // another issuer claimed it a moment ago
                 }
             }
             _ => Err(INVALID_TOKEN),
@@ -2424,42 +2394,23 @@ impl AppState {
     }
 
     /// Creates the user an external token names, from its claims (`email` required).
-    async fn create_external_user(
-        &self,
-        user_id: String,
-        profile: ExternalProfile,
-    ) -> Result<User, ApiError> {
-        let mut email = profile.email.ok_or(INVALID_TOKEN)?;
-        let mut errors = Vec::new();
-        check_email(&mut email, "email", &mut errors);
-        if !errors.is_empty() || email.contains('\0') {
+    async fn create_external_user(&self, claims: &TokenClaims, issuer: String) -> Result<User> {
+        let mut email = claims.email.clone().ok_or(INVALID_TOKEN)?;
+        if self::email(&mut email).is_err() || email.contains('\0') {
             return Err(INVALID_TOKEN);
         }
         // A display name the API would refuse from a client is dropped, not stored.
-        let name = profile
-            .name
+        let name = (claims.name.as_deref())
             .filter(|n| !n.contains('\0') && n.chars().count() <= NAME_MAX_CHARS);
-        let time = now();
-        let new_user = NewUser {
-            id: &user_id,
-            email: &email,
-            name: name.as_deref(),
-            password_hash: None,
-            issuer: Some(&profile.issuer),
-            created_at: time,
-            updated_at: time,
-        };
+        let new_user = NewUser::now(&claims.sub, &email, name, None, Some(&issuer));
         // Two first requests can race. Whichever unique index trips first, the loser's insert
         // does nothing and both read the row by id; no row means the email belongs to a
         // different account.
         let created = db!(self.db, write, |conn| async {
-            diesel::insert_into(users::table)
-                .values(&new_user)
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?;
+            let insert = diesel::insert_into(users::table).values(&new_user);
+            insert.on_conflict_do_nothing().execute(conn).await?;
             users::table
-                .find(&user_id)
+                .find(&claims.sub)
                 .select(User::as_select())
                 .first(conn)
                 .await
@@ -2467,7 +2418,7 @@ impl AppState {
         })?;
         match created {
             // Same id from a racing request of another issuer: not this token's account.
-            Some(user) if user.issuer.as_deref() == Some(profile.issuer.as_str()) => Ok(user),
+            Some(user) if user.issuer.as_ref() == Some(&issuer) => Ok(user),
             Some(_) => Err(INVALID_TOKEN),
             None => Err(ApiError::Conflict(
                 "Email already registered to another account",
@@ -2648,16 +2599,9 @@ async fn health(state: State) -> HttpResponse {
 async fn register(state: State, body: JsonBody) -> Result<HttpResponse> {
     let body: RegisterRequest = body.parse()?;
     let password_hash = state.passwords.hash(body.password).await?;
-    let (id, time) = (uuid::Uuid::new_v4().to_string(), now());
-    let new_user = NewUser {
-        id: &id,
-        email: &body.email,
-        name: body.name.as_deref(),
-        password_hash: Some(&password_hash),
-        issuer: None,
-        created_at: time,
-        updated_at: time,
-    };
+    let id = uuid::Uuid::new_v4().to_string();
+    let name = body.name.as_deref();
+    let new_user = NewUser::now(&id, &body.email, name, Some(&password_hash), None);
     let user: User = db!(state.db, write, |conn| diesel::insert_into(users::table)
         .values(&new_user)
         .returning(User::as_returning())
