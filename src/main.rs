@@ -41,7 +41,6 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use futures_util::future::Either;
 use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
-use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::json;
@@ -136,16 +135,7 @@ fn http_url(url: &str) -> Option<reqwest::Url> {
 
 impl Config {
     fn from_env() -> Result<Config, String> {
-        // The environment wins over `.env`: dotenvy never overwrites a variable that is set.
-        match dotenvy::from_path(".env") {
-            Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-            // Not the error's text: it quotes the line, which may hold a secret.
-            Err(dotenvy::Error::LineParse(_, at)) => {
-                return Err(format!(".env: cannot parse the line at byte {at}"))
-            }
-            Err(e) => return Err(format!(".env: {e}")),
-            Ok(()) => {}
-        }
+        load_dotenv()?;
         let (jwt_secret, jwt_secret_is_random) = jwt_secret()?;
         let jwks_url = env_var("JWT_JWKS_URL");
         if let Some(url) = jwks_url.as_deref().filter(|url| http_url(url).is_none()) {
@@ -200,6 +190,20 @@ impl Config {
             )?
             .unwrap_or(5_000),
         })
+    }
+}
+
+/// Reads `.env`, if there is one. The environment wins: dotenvy never overwrites a variable
+/// that is set.
+fn load_dotenv() -> Result<(), String> {
+    match dotenvy::from_path(".env") {
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // Not the error's text: it quotes the line, which may hold a secret.
+        Err(dotenvy::Error::LineParse(_, at)) => {
+            Err(format!(".env: cannot parse the line at byte {at}"))
+        }
+        Err(e) => Err(format!(".env: {e}")),
+        Ok(()) => Ok(()),
     }
 }
 
@@ -1201,7 +1205,7 @@ impl FromRequest for JsonBody {
             mime == "application/json"
                 || (mime.starts_with("application/") && mime.ends_with("+json"))
         });
-        let body = read_body(req, payload.take(), JSON_LIMIT);
+        let body = read_body(req, payload, JSON_LIMIT);
         async move {
             if !is_json {
                 return Ok(JsonBody(Err(ApiError::Status(
@@ -1249,7 +1253,7 @@ impl<T: FromFields + 'static> FromRequest for Form<T> {
         // missing (as FastAPI answers a JSON body sent to a form route).
         let is_form =
             content_type(req).is_some_and(|mime| mime == "application/x-www-form-urlencoded");
-        let body = read_body(req, payload.take(), FORM_LIMIT);
+        let body = read_body(req, payload, FORM_LIMIT);
         async move {
             let bytes = body.await?;
             let form: &[u8] = if is_form { &bytes } else { b"" };
@@ -1289,56 +1293,43 @@ fn content_type(req: &HttpRequest) -> Option<String> {
 /// Reads the whole body, refusing (413) as soon as it grows past `limit`.
 fn read_body(
     req: &HttpRequest,
-    mut payload: Payload,
+    payload: &mut Payload,
     limit: usize,
-) -> LocalBoxFuture<'static, Result<web::Bytes, ApiError>> {
-    let too_large = move || {
-        ApiError::Status(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("Request body is larger than {limit} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+) -> LocalBoxFuture<'static, Result<web::Bytes>> {
+    let too_large = ApiError::Status(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("Request body is larger than {limit} bytes"),
+    );
+    let declared = req.headers().get(header::CONTENT_LENGTH);
+    let declared: Option<usize> = declared.and_then(|v| v.to_str().ok()?.parse().ok());
     // actix bounds the time to send the request head, not the body: without a deadline a client
     // that trickles a byte a second holds its connection (and its memory) for as long as it likes.
     let deadline = req
-        .app_data::<web::Data<AppState>>()
+        .app_data::<State>()
         .map_or(DEFAULT_BODY_TIMEOUT, |state| state.body_timeout);
+    let payload = web::Payload::from_request(req, payload);
     async move {
         if declared.is_some_and(|len| len > limit) {
-            return Err(too_large());
+            return Err(too_large);
         }
-        let read_all = async {
-            let mut body = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|e| {
-                    ApiError::Status(
-                        StatusCode::BAD_REQUEST,
-                        format!("Could not read the request body: {e}"),
-                    )
-                })?;
-                if body.len() + chunk.len() > limit {
-                    return Err(too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(body.freeze())
-        };
-        actix_web::rt::time::timeout(deadline, read_all)
+        let body = payload
             .await
-            .unwrap_or_else(|_| {
-                Err(ApiError::Status(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "The request body did not arrive within {} seconds",
-                        deadline.as_secs_f64()
-                    ),
-                ))
-            })
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        match actix_web::rt::time::timeout(deadline, body.to_bytes_limited(limit)).await {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(e))) => Err(ApiError::Status(
+                StatusCode::BAD_REQUEST,
+                format!("Could not read the request body: {e}"),
+            )),
+            Ok(Err(_)) => Err(too_large),
+            Err(_) => Err(ApiError::Status(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "The request body did not arrive within {} seconds",
+                    deadline.as_secs_f64()
+                ),
+            )),
+        }
     }
     .boxed_local()
 }
@@ -2751,6 +2742,11 @@ async fn list_tasks(state: State, owner: TaskOwner, req: HttpRequest) -> Result<
 }
 
 /// One page of `owner`'s tasks that match `query`, and how many match in all.
+///
+/// The page is fetched first, with one row more than asked for: when that row is not there, the
+/// page already tells the total, so only a page with more after it (or an empty one past the
+/// end) pays for a COUNT. (A window count on every row looks like one round trip, but makes
+/// SQLite materialize and sort every matching row: slower.)
 async fn page_of_tasks(
     db: &Database,
     owner: &str,
@@ -2787,10 +2783,6 @@ async fn page_of_tasks(
             }
         };
     }
-    // The page first, with one row more than asked for: when that row is not there, the page
-    // already tells the total, so only a page with more after it (or an empty one past the end)
-    // pays for a COUNT. (A window count on every row looks like one round trip, but makes
-    // SQLite materialize and sort every matching row: slower.)
     db!(db, read, |conn| async {
         let sorted = match query.sort {
             SortKey::Created => by!(tasks::created_at),
@@ -3225,67 +3217,12 @@ async fn serve(config: Config) -> Result<(), String> {
             "JWT_SECRET is not set: using a random secret, so tokens will not survive a restart"
         );
     }
-    let database = Database::connect(&config)
-        .await
-        .map_err(|e| format!("DATABASE_URL: {e}"))?;
-    let auth = TokenAuthority::new(&config)?;
-    if let Some(jwks) = &auth.jwks {
-        // Not fatal: the issuer may start after us, and an unknown kid fetches again.
-        match jwks.refresh().await {
-            Ok(n) => log::info!("JWKS: {n} usable keys from {}", jwks.url),
-            Err(e) => log::warn!("JWKS fetch from {} failed: {e}", jwks.url),
-        }
-    }
-    let bcrypt_cost = config.bcrypt_cost;
-    let passwords = web::block(move || PasswordHasher::new(bcrypt_cost))
-        .await
-        .map_err(|e| e.to_string())??;
-    let state = web::Data::new(AppState {
-        db: database,
-        auth,
-        passwords,
-        trusted_proxies: config.trusted_proxies.clone(),
-        body_timeout: config.body_timeout,
-    });
-
+    let state = web::Data::new(AppState::new(&config).await?);
+    spawn_housekeeping(&state)?;
     let openapi = openapi_document();
     let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
     let cors_origins = config.cors_origins.clone();
-
-    // Throttle buckets whose minute is over are deleted in the background.
-    let throttle_db = state.db.clone();
-    actix_web::rt::spawn(async move {
-        loop {
-            actix_web::rt::time::sleep(THROTTLE_WINDOW).await;
-            if let Err(e) = throttle_db.forget_old_attempts().await {
-                log::warn!("cannot clear old login attempts: {e}");
-            }
-        }
-    });
-
-    // A burst of connections (slow clients, a load spike) leaves freed memory in glibc's
-    // per-thread arenas, which it hands back to the kernel only from the top of each heap.
-    // Trimming now and then returns it, so the process shrinks back once the burst is over.
-    std::thread::Builder::new()
-        .name("malloc-trim".into())
-        .spawn(|| loop {
-            std::thread::sleep(Duration::from_secs(2));
-            // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
-            unsafe { libc::malloc_trim(0) };
-        })
-        .map_err(|e| e.to_string())?;
-
-    // Every connection is a file descriptor. The soft limit is often 1,024, which a thousand
-    // idle clients exhaust; raise it to the hard limit, and accept no more connections than
-    // it leaves room for (the rest wait in the listen queue until one closes).
-    let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
-    let workers = worker_threads();
-    let max_connections = config
-        .max_connections
-        .min(open_files.saturating_sub(RESERVED_FILES) as usize)
-        .max(workers);
-    log::info!("accepting up to {max_connections} connections ({open_files} open files allowed)");
-
+    let (workers, max_connections) = (worker_threads(), connection_limit(&config));
     let server = HttpServer::new(move || {
         App::new()
             .into_utoipa_app()
@@ -3314,18 +3251,83 @@ async fn serve(config: Config) -> Result<(), String> {
     .shutdown_timeout(30)
     .bind((config.host.as_str(), config.port))
     .map_err(|e| {
-        format!(
-            "HOST/PORT: cannot listen on {}:{}: {e}",
-            config.host, config.port
-        )
+        let (host, port) = (&config.host, config.port);
+        format!("HOST/PORT: cannot listen on {host}:{port}: {e}")
     })?;
-
     for addr in server.addrs() {
         log::info!("Listening on http://{addr}");
     }
     server.run().await.map_err(|e| e.to_string())?;
     log::info!("Server stopped");
     Ok(())
+}
+
+impl AppState {
+    /// Connects to the database (migrating it) and builds the token and password machinery.
+    async fn new(config: &Config) -> Result<AppState, String> {
+        let db = Database::connect(config)
+            .await
+            .map_err(|e| format!("DATABASE_URL: {e}"))?;
+        let auth = TokenAuthority::new(config)?;
+        if let Some(jwks) = &auth.jwks {
+            // Not fatal: the issuer may start after us, and an unknown kid fetches again.
+            match jwks.refresh().await {
+                Ok(n) => log::info!("JWKS: {n} usable keys from {}", jwks.url),
+                Err(e) => log::warn!("JWKS fetch from {} failed: {e}", jwks.url),
+            }
+        }
+        let bcrypt_cost = config.bcrypt_cost;
+        let passwords = web::block(move || PasswordHasher::new(bcrypt_cost))
+            .await
+            .map_err(|e| e.to_string())??;
+        Ok(AppState {
+            db,
+            auth,
+            passwords,
+            trusted_proxies: config.trusted_proxies.clone(),
+            body_timeout: config.body_timeout,
+        })
+    }
+}
+
+/// Background upkeep: expired login-throttle buckets, and memory freed after a burst.
+fn spawn_housekeeping(state: &AppState) -> Result<(), String> {
+    // Throttle buckets whose minute is over are deleted in the background.
+    let throttle_db = state.db.clone();
+    actix_web::rt::spawn(async move {
+        loop {
+            actix_web::rt::time::sleep(THROTTLE_WINDOW).await;
+            if let Err(e) = throttle_db.forget_old_attempts().await {
+                log::warn!("cannot clear old login attempts: {e}");
+            }
+        }
+    });
+    // A burst of connections (slow clients, a load spike) leaves freed memory in glibc's
+    // per-thread arenas, which it hands back to the kernel only from the top of each heap.
+    // Trimming now and then returns it, so the process shrinks back once the burst is over.
+    std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(|| loop {
+            std::thread::sleep(Duration::from_secs(2));
+            // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+            unsafe { libc::malloc_trim(0) };
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// How many connections to accept at once. Every connection is a file descriptor. The soft
+/// limit is often 1,024, which a thousand idle clients exhaust; it is raised to the hard limit,
+/// and no more connections are accepted than it leaves room for (the rest wait in the listen
+/// queue until one closes).
+fn connection_limit(config: &Config) -> usize {
+    let open_files = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    let max_connections = config
+        .max_connections
+        .min(open_files.saturating_sub(RESERVED_FILES) as usize)
+        .max(worker_threads());
+    log::info!("accepting up to {max_connections} connections ({open_files} open files allowed)");
+    max_connections
 }
 
 /// Process-wide SQLite settings, made before the first connection opens.
