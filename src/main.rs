@@ -676,6 +676,27 @@ request_type! {
     }
 }
 
+/// `$owner`'s tasks that pass `$query`'s filters (a `TaskListQuery`), boxed so that filters can
+/// be added one by one: to be sorted and paged, or counted.
+///
+/// This and `sorted_tasks!` are macros rather than functions because a query's type differs per
+/// backend: `db!` expands them once for each, and the compiler checks both.
+macro_rules! matching_tasks {
+    ($query:expr, $owner:expr) => {{
+        let mut matching = tasks::table.filter(tasks::user_id.eq($owner)).into_boxed();
+        if let Some(completed) = $query.status.completed() {
+            matching = matching.filter(tasks::completed.eq(completed));
+        }
+        if let Some(search) = $query.q.as_deref().filter(|q| !q.is_empty()) {
+            let pattern = like_pattern(search);
+            let title = lower(tasks::title.nullable()).like(pattern.clone());
+            let description = lower(tasks::description).like(pattern);
+            matching = matching.filter(title.escape('\\').or(description.escape('\\')));
+        }
+        matching
+    }};
+}
+
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 #[schema(default = "all")]
@@ -705,6 +726,27 @@ enum SortKey {
     Created,
     Updated,
     Title,
+}
+
+/// `$tasks` (a boxed task query) ordered by `$key`, a `SortKey`, in `$order`.
+macro_rules! sorted_tasks {
+    ($tasks:expr, $key:expr, $order:expr) => {
+        match $key {
+            SortKey::Created => ordered_by!($tasks, tasks::created_at, $order),
+            SortKey::Updated => ordered_by!($tasks, tasks::updated_at, $order),
+            SortKey::Title => ordered_by!($tasks, tasks::title, $order),
+        }
+    };
+}
+
+/// `$tasks` ordered by `$column` in `$order`, ties broken by id in the same direction.
+macro_rules! ordered_by {
+    ($tasks:expr, $column:expr, $order:expr) => {
+        match $order {
+            SortOrder::Asc => $tasks.order(($column.asc(), tasks::id.asc())),
+            SortOrder::Desc => $tasks.order(($column.desc(), tasks::id.desc())),
+        }
+    };
 }
 
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
@@ -816,20 +858,34 @@ impl FieldType for i64 {
     }
 }
 
-/// A field that holds one of a few words: the enum's own serde names decide which.
+/// Fields that hold one of a few words, the enums of the list query: serde's names for the
+/// variants decide what is accepted, and the message lists the same words, from the enum's
+/// OpenAPI schema, the way pydantic does (`Input should be 'asc' or 'desc'`).
 macro_rules! one_of_field {
-    ($type:ty, $words:literal) => {
+    ($($type:ty),*) => {$(
         impl FieldType for $type {
             fn from_value(value: serde_json::Value) -> Result<Self, Problem> {
                 serde_json::from_value(value)
-                    .map_err(|_| problem(concat!("Input should be ", $words), "enum"))
+                    .map_err(|_| problem(format!("Input should be {}", one_of::<$type>()), "enum"))
             }
         }
-    };
+    )*};
 }
-one_of_field!(StatusFilter, "'all', 'pending' or 'completed'");
-one_of_field!(SortKey, "'created', 'updated' or 'title'");
-one_of_field!(SortOrder, "'asc' or 'desc'");
+one_of_field!(StatusFilter, SortKey, SortOrder);
+
+/// An enum's words as pydantic lists them: `'a', 'b' or 'c'`.
+fn one_of<T: utoipa::PartialSchema>() -> String {
+    let schema = serde_json::to_value(T::schema()).unwrap_or_default();
+    let words = schema["enum"].as_array().cloned().unwrap_or_default();
+    let quoted: Vec<String> = words
+        .iter()
+        .filter_map(|w| Some(format!("'{}'", w.as_str()?)))
+        .collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => quoted.concat(),
+    }
+}
 
 /// The fields of one input, taken out one by one; the problems found so far.
 struct Fields {
@@ -2212,8 +2268,10 @@ impl PasswordHasher {
     async fn verify(&self, password: String, hash: Option<String>) -> Result<bool> {
         let usable = hash.is_some() && password.len() <= PASSWORD_MAX_BYTES;
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
+        // Always run, even when `usable` already says no: the time must not tell.
         let matches = self.run(move || bcrypt::verify(password, &hash).unwrap_or(false));
-        Ok(usable && matches.await?)
+        let matches = matches.await?;
+        Ok(usable && matches)
     }
 }
 
@@ -2753,42 +2811,8 @@ async fn page_of_tasks(
     query: &TaskListQuery,
 ) -> Result<(Vec<Task>, i64)> {
     let (limit, offset) = (query.limit.unwrap_or(100), query.offset.unwrap_or(0));
-    let pattern = query
-        .q
-        .as_deref()
-        .filter(|q| !q.is_empty())
-        .map(like_pattern);
-    // The filters, written once for the page and the count. (Macros rather than functions: a
-    // query's type differs per backend, and these expand inside `db!` once for each.)
-    macro_rules! matching {
-        () => {{
-            let mut filtered = tasks::table.filter(tasks::user_id.eq(owner)).into_boxed();
-            if let Some(completed) = query.status.completed() {
-                filtered = filtered.filter(tasks::completed.eq(completed));
-            }
-            if let Some(pattern) = &pattern {
-                let title = lower(tasks::title.nullable()).like(pattern).escape('\\');
-                filtered =
-                    filtered.filter(title.or(lower(tasks::description).like(pattern).escape('\\')));
-            }
-            filtered
-        }};
-    }
-    // Ordered by one column, ties broken by id in the same direction.
-    macro_rules! by {
-        ($column:expr) => {
-            match query.order {
-                SortOrder::Asc => matching!().order(($column.asc(), tasks::id.asc())),
-                SortOrder::Desc => matching!().order(($column.desc(), tasks::id.desc())),
-            }
-        };
-    }
     db!(db, read, |conn| async {
-        let sorted = match query.sort {
-            SortKey::Created => by!(tasks::created_at),
-            SortKey::Updated => by!(tasks::updated_at),
-            SortKey::Title => by!(tasks::title),
-        };
+        let sorted = sorted_tasks!(matching_tasks!(query, owner), query.sort, query.order);
         let rows = sorted
             .select(Task::as_select())
             .limit(limit + 1)
@@ -2799,7 +2823,10 @@ async fn page_of_tasks(
             offset + fetched
         } else {
             page.truncate(limit as usize);
-            matching!().count().get_result(conn).await?
+            matching_tasks!(query, owner)
+                .count()
+                .get_result(conn)
+                .await?
         };
         QueryResult::Ok((page, total))
     })
