@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ResourceDef, ServiceRequest, ServiceResponse};
-use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
 use actix_web::web::Json;
 use actix_web::{
@@ -48,7 +48,7 @@ use utoipa::openapi::security::{
     Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityRequirement,
     SecurityScheme,
 };
-use utoipa::{IntoParams, IntoResponses, Modify, OpenApi, ToSchema};
+use utoipa::{IntoParams, IntoResponses, OpenApi, ToSchema};
 use utoipa_actix_web::AppExt;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -2957,33 +2957,8 @@ async fn toggle_task(state: State, task: TaskRef) -> Result<Json<Task>> {
     ),
     // The error bodies: the error response types above refer to them but do not register them.
     components(schemas(ErrorDetail, ValidationErrorBody, FieldError)),
-    modifiers(&SecuritySchemes)
 )]
 struct ApiDoc;
-
-struct SecuritySchemes;
-
-impl Modify for SecuritySchemes {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT")
-                    .build(),
-            ),
-        );
-        components.add_security_scheme(
-            "oauth2",
-            SecurityScheme::OAuth2(OAuth2::new([Flow::Password(Password::new(
-                "/token",
-                Scopes::new(),
-            ))])),
-        );
-    }
-}
 
 /// The OpenAPI document of every route in `api_routes`, with what utoipa 6's attributes cannot
 /// say added here (it runs after the routes are collected, which `modifiers(...)` does not).
@@ -2994,6 +2969,16 @@ fn openapi_document() -> utoipa::openapi::OpenApi {
         .openapi(ApiDoc::openapi())
         .configure(api_routes)
         .split_for_parts();
+    let components = openapi.components.get_or_insert_with(Default::default);
+    let bearer = HttpBuilder::new()
+        .scheme(HttpAuthScheme::Bearer)
+        .bearer_format("JWT");
+    components.add_security_scheme("bearer", SecurityScheme::Http(bearer.build()));
+    let password_flow = Flow::Password(Password::new("/token", Scopes::new()));
+    components.add_security_scheme(
+        "oauth2",
+        SecurityScheme::OAuth2(OAuth2::new([password_flow])),
+    );
     for item in openapi.paths.paths.values_mut() {
         let operations = [
             &mut item.get,
@@ -3054,68 +3039,45 @@ fn api_routes(cfg: &mut utoipa_actix_web::service_config::ServiceConfig) {
         .service(toggle_task);
 }
 
-/// Which methods each known path answers, for telling 405 from 404 (FastAPI's behaviour).
-struct KnownRoutes(Vec<(ResourceDef, Vec<Method>)>);
+/// Which methods each path answers (`GET, PUT` …), for telling 405 from 404 as FastAPI does.
+struct KnownRoutes(Vec<(ResourceDef, String)>);
 
 impl KnownRoutes {
     fn from_openapi(openapi: &utoipa::openapi::OpenApi) -> KnownRoutes {
-        let mut routes: Vec<(ResourceDef, Vec<Method>)> = openapi
-            .paths
-            .paths
-            .iter()
-            .map(|(path, item)| {
-                let methods = serde_json::to_value(item)
-                    .ok()
-                    .and_then(|v| {
-                        v.as_object().map(|o| {
-                            o.keys()
-                                .filter_map(|k| Method::from_str(&k.to_uppercase()).ok())
-                                .collect()
-                        })
-                    })
-                    .unwrap_or_default();
-                (ResourceDef::new(path.as_str()), methods)
-            })
-            .collect();
-        routes.push((ResourceDef::new("/openapi.json"), vec![Method::GET]));
-        routes.push((
-            ResourceDef::new(["/docs", "/docs/{_:.*}"]),
-            vec![Method::GET],
-        ));
-        KnownRoutes(routes)
-    }
-
-    fn allowed(&self, path: &str) -> Option<Vec<&Method>> {
-        let methods: Vec<&Method> = self
-            .0
-            .iter()
-            .filter(|(def, _)| def.is_match(path))
-            .flat_map(|(_, m)| m)
-            .collect();
-        (!methods.is_empty()).then_some(methods)
+        let documented = openapi.paths.paths.iter().map(|(path, item)| {
+            let operations = [
+                ("GET", &item.get),
+                ("PUT", &item.put),
+                ("POST", &item.post),
+                ("DELETE", &item.delete),
+                ("PATCH", &item.patch),
+            ];
+            let methods = operations
+                .iter()
+                .filter(|(_, operation)| operation.is_some());
+            let methods: Vec<&str> = methods.map(|(method, _)| *method).collect();
+            (ResourceDef::new(path.as_str()), methods.join(", "))
+        });
+        let docs = [
+            (ResourceDef::new("/openapi.json"), "GET".into()),
+            (ResourceDef::new(["/docs", "/docs/{_:.*}"]), "GET".into()),
+        ];
+        KnownRoutes(documented.chain(docs).collect())
     }
 }
 
 /// What the router answers when no route matched: 405 with `Allow` if the path exists under
-/// another method, else 404 — both as `{"detail": …}`.
+/// another method, else 404. `json_error_bodies` gives both their `{"detail": …}` body.
 async fn no_route(req: HttpRequest, known: web::Data<KnownRoutes>) -> HttpResponse {
-    match known.allowed(req.path()) {
-        Some(methods) => {
-            let allow = methods
-                .iter()
-                .map(|m| m.as_str())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let mut response =
-                ApiError::Status(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed".into())
-                    .error_response();
-            if let Ok(value) = HeaderValue::from_str(&allow) {
-                response.headers_mut().insert(header::ALLOW, value);
-            }
-            response
-        }
-        None => ApiError::Status(StatusCode::NOT_FOUND, "Not Found".into()).error_response(),
+    let matching = known.0.iter().filter(|(path, _)| path.is_match(req.path()));
+    let allowed: Vec<&str> = matching.map(|(_, methods)| methods.as_str()).collect();
+    if allowed.is_empty() {
+        return HttpResponse::NotFound().finish();
     }
+    let allow = (header::ALLOW, allowed.join(", "));
+    HttpResponse::MethodNotAllowed()
+        .insert_header(allow)
+        .finish()
 }
 
 /// Turns a panic in a handler into a 500 `{"detail": "Internal Server Error"}` (with the cause
