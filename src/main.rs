@@ -1982,29 +1982,36 @@ struct TokenAuthority {
     jwks: Option<JwkSetCache>,
 }
 
-/// Leeway for clock skew on `exp`.
+/// Leeway for clock skew on `exp` and `nbf`.
 const LEEWAY_SECONDS: u64 = 60;
+
+/// How tokens signed with `algorithm` are checked: the `required` claims, `exp` and `nbf` with
+/// leeway (jsonwebtoken accepts a future `nbf` unless told otherwise; PyJWT refuses it), and
+/// `aud` checked only against a configured `audience`.
+fn token_rules(algorithm: Algorithm, required: &[&str], audience: Option<&String>) -> Validation {
+    let mut rules = Validation::new(algorithm);
+    rules.leeway = LEEWAY_SECONDS;
+    rules.validate_nbf = true;
+    rules.set_required_spec_claims(required);
+    match audience {
+        Some(audience) => rules.set_audience(&[audience]),
+        // Better Auth always sends `aud`; no audience configured means "don't check it".
+        None => rules.validate_aud = false,
+    }
+    rules
+}
 
 impl TokenAuthority {
     fn new(config: &Config) -> Result<TokenAuthority, String> {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = LEEWAY_SECONDS;
-        // jsonwebtoken accepts a future `nbf` unless told otherwise; PyJWT refuses it.
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        // Local tokens carry no aud/iss; a token that has them is still checked by signature.
-        validation.validate_aud = false;
+        let secret = &config.jwt_secret;
+        let bad_secret = |e: jsonwebtoken::errors::Error| format!("JWT_SECRET: {e}");
         Ok(TokenAuthority {
-            encoding_key: EncodingKey::from_secret(&config.jwt_secret)
-                .map_err(|e| format!("JWT_SECRET: {e}"))?,
-            decoding_key: DecodingKey::from_secret(&config.jwt_secret)
-                .map_err(|e| format!("JWT_SECRET: {e}"))?,
-            validation,
+            encoding_key: EncodingKey::from_secret(secret).map_err(bad_secret)?,
+            decoding_key: DecodingKey::from_secret(secret).map_err(bad_secret)?,
+            // Local tokens carry no aud/iss; a token that has them is still checked by signature.
+            validation: token_rules(Algorithm::HS256, &["exp", "sub"], None),
             ttl: config.access_token_ttl,
-            jwks: config
-                .jwks_url
-                .as_ref()
-                .map(|url| JwkSetCache::new(url, config)),
+            jwks: (config.jwks_url.as_ref()).map(|url| JwkSetCache::new(url, config)),
         })
     }
 
@@ -2102,22 +2109,14 @@ const JWKS_REFETCH_INTERVAL: Duration = Duration::from_secs(3);
 
 impl JwkSetCache {
     fn new(url: &str, config: &Config) -> JwkSetCache {
-        let mut validation = Validation::new(Algorithm::EdDSA);
-        validation.leeway = LEEWAY_SECONDS;
-        validation.validate_nbf = true;
         // A configured issuer or audience must be present, not merely right when present.
         let mut required = vec!["exp", "sub"];
         required.extend(config.jwt_issuer.as_ref().map(|_| "iss"));
         required.extend(config.jwt_audience.as_ref().map(|_| "aud"));
-        validation.set_required_spec_claims(&required);
-        match &config.jwt_issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
-            None => validation.iss = None,
-        }
-        match &config.jwt_audience {
-            Some(audience) => validation.set_audience(&[audience]),
-            // Better Auth always sends `aud`; unset means "don't check it".
-            None => validation.validate_aud = false,
+        let audience = config.jwt_audience.as_ref();
+        let mut validation = token_rules(Algorithm::EdDSA, &required, audience);
+        if let Some(issuer) = &config.jwt_issuer {
+            validation.set_issuer(&[issuer]);
         }
         JwkSetCache {
             url: url.to_string(),
