@@ -582,19 +582,18 @@ request_type! {
 #[derive(Serialize, ToSchema)]
 struct TokenResponse {
     access_token: String,
-    #[schema(schema_with = bearer_only)]
-    token_type: &'static str,
+    #[schema(inline)]
+    token_type: TokenType,
     /// Lifetime of the token in seconds.
     #[schema(example = 1800)]
     expires_in: u64,
 }
 
-/// `token_type`'s schema: `"bearer"` is the only kind of token this API issues.
-fn bearer_only() -> utoipa::openapi::Object {
-    utoipa::openapi::ObjectBuilder::new()
-        .schema_type(utoipa::openapi::Type::String)
-        .enum_values(Some(["bearer"]))
-        .build()
+// The only kind of token this API issues.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+enum TokenType {
+    Bearer,
 }
 
 request_type! {
@@ -670,9 +669,9 @@ request_type! {
         #[param(max_length = 200)]
         q: Option<String> = optional(at_most::<SEARCH_MAX_CHARS>),
         #[param(minimum = 1, maximum = 1000, default = 100)]
-        limit: Option<i64> = optional(limit),
+        limit: Option<i64> = optional(between::<1, 1000>),
         #[param(minimum = 0, default = 0)]
-        offset: Option<i64> = optional(offset),
+        offset: Option<i64> = optional(between::<0, { i64::MAX }>),
     }
 }
 
@@ -1065,26 +1064,14 @@ fn password_grant(grant_type: &mut String) -> Result<(), Problem> {
     }
 }
 
-fn limit(limit: &mut i64) -> Result<(), Problem> {
-    match *limit {
-        ..1 => Err(problem(
-            "Input should be greater than or equal to 1",
-            "greater_than_equal",
-        )),
-        1001.. => Err(problem(
-            "Input should be less than or equal to 1000",
-            "less_than_equal",
-        )),
-        _ => Ok(()),
-    }
-}
-
-fn offset(offset: &mut i64) -> Result<(), Problem> {
-    if *offset < 0 {
-        Err(problem(
-            "Input should be greater than or equal to 0",
-            "greater_than_equal",
-        ))
+/// An integer from `MIN` to `MAX`.
+fn between<const MIN: i64, const MAX: i64>(value: &mut i64) -> Result<(), Problem> {
+    if *value < MIN {
+        let msg = format!("Input should be greater than or equal to {MIN}");
+        Err(problem(msg, "greater_than_equal"))
+    } else if *value > MAX {
+        let msg = format!("Input should be less than or equal to {MAX}");
+        Err(problem(msg, "less_than_equal"))
     } else {
         Ok(())
     }
@@ -2033,7 +2020,7 @@ impl TokenAuthority {
         .map_err(|e| ApiError::Internal(format!("cannot sign a token: {e}")))?;
         Ok(TokenResponse {
             access_token,
-            token_type: "bearer",
+            token_type: TokenType::Bearer,
             expires_in: self.ttl.as_secs(),
         })
     }
