@@ -35,6 +35,7 @@ use actix_web::{
 use chrono::{NaiveDateTime, SubsecRound, Utc};
 use diesel::prelude::*;
 use diesel::sqlite::SqliteConnection;
+use diesel::ConnectionResult;
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
 use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -1510,19 +1511,7 @@ impl PgSettings {
     fn open_pool(&self) -> PgDatabase {
         let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
         let timeout = self.timeout;
-        // A server that accepts the TCP connection but never answers (frozen) would hold the
-        // attempt forever: it is given up after the timeout.
-        manager_config.custom_setup = Box::new(move |url| {
-            actix_web::rt::time::timeout(timeout, connect_postgres(url.to_string()))
-                .map(|attempt| {
-                    attempt.unwrap_or_else(|_| {
-                        Err(diesel::ConnectionError::BadConnection(
-                            "the server did not answer in time".into(),
-                        ))
-                    })
-                })
-                .boxed()
-        });
+        manager_config.custom_setup = Box::new(move |url| connect_postgres(url, timeout).boxed());
         let manager = AsyncDieselConnectionManager::new_with_config(&self.url, manager_config);
         let connect_failures = ConnectFailures::default();
         let pool = bb8::Pool::builder()
@@ -1684,7 +1673,7 @@ impl Database {
                 }))
             }
             DatabaseUrl::Postgres(url) => {
-                migrations = migrate_postgres(url).await?;
+                migrations = migrate_postgres(url, config.database_timeout).await?;
                 let total = config.pool_size.unwrap_or(10);
                 Database::Postgres(Arc::new(PgSettings {
                     url: url.clone(),
@@ -1709,15 +1698,27 @@ impl Database {
 /// servers such as Neon do), verifying the server's certificate against Mozilla's roots and the
 /// system's (which include `SSL_CERT_FILE`); otherwise in plain text, as libpq's default
 /// `prefer` ends up doing against a local server with a self-signed certificate.
-async fn connect_postgres(url: String) -> diesel::ConnectionResult<AsyncPgConnection> {
+///
+/// A server that accepts the TCP connection but never answers (frozen) would hold the attempt
+/// forever: it is given up after `timeout`.
+async fn connect_postgres(url: &str, timeout: Duration) -> ConnectionResult<AsyncPgConnection> {
+    use diesel::ConnectionError::BadConnection;
     use tokio_postgres::config::SslMode;
-    let bad = |e: tokio_postgres::Error| diesel::ConnectionError::BadConnection(e.to_string());
-    let config: tokio_postgres::Config = url.parse().map_err(bad)?;
-    if config.get_ssl_mode() != SslMode::Require {
-        return <AsyncPgConnection as diesel_async::AsyncConnection>::establish(&url).await;
-    }
-    let (client, connection) = config.connect(postgres_tls()).await.map_err(bad)?;
-    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    let connect = async {
+        let config: tokio_postgres::Config =
+            url.parse().map_err(|e| BadConnection(format!("{e}")))?;
+        if config.get_ssl_mode() != SslMode::Require {
+            return <AsyncPgConnection as diesel_async::AsyncConnection>::establish(url).await;
+        }
+        let tls = postgres_tls();
+        let (client, connection) = config
+            .connect(tls)
+            .await
+            .map_err(|e| BadConnection(e.to_string()))?;
+        AsyncPgConnection::try_from_client_and_connection(client, connection).await
+    };
+    let attempt = actix_web::rt::time::timeout(timeout, connect).await;
+    attempt.unwrap_or_else(|_| Err(BadConnection("the server did not answer in time".into())))
 }
 
 /// Brings a SQLite schema up to date, on the writer: for `:memory:` it is the only database
@@ -1738,8 +1739,8 @@ fn migrate_sqlite(writer: &mut SqliteConn) -> Result<usize, String> {
 /// Brings a PostgreSQL schema up to date. diesel's migration harness is synchronous, so it runs
 /// on a blocking thread through diesel-async's wrapper (the async harness would call
 /// `block_in_place`, which panics on actix's runtime).
-async fn migrate_postgres(url: &str) -> Result<usize, String> {
-    let conn = connect_postgres(url.to_string())
+async fn migrate_postgres(url: &str, timeout: Duration) -> Result<usize, String> {
+    let conn = connect_postgres(url, timeout)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     tokio::task::spawn_blocking(move || {
@@ -2467,34 +2468,27 @@ impl AppState {
         let peer = req
             .peer_addr()
             .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-        if !self.trusted_proxies.contains(&peer) {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.contains(ip);
+        if !trusted(&peer) {
             return peer;
         }
-        let forwarded = req
-            .headers()
-            .get_all("x-forwarded-for")
-            .filter_map(|v| v.to_str().ok())
+        let headers = req.headers().get_all("x-forwarded-for");
+        let hops: Vec<&str> = (headers.filter_map(|v| v.to_str().ok()))
             .flat_map(|v| v.split(','))
-            .map(|s| s.trim().parse::<IpAddr>().ok())
-            .collect::<Vec<_>>();
-        for hop in forwarded.into_iter().rev() {
-            match hop {
-                Some(ip) if self.trusted_proxies.contains(&ip) => continue,
-                Some(ip) => return ip,
+            .collect();
+        for hop in hops.iter().rev() {
+            match hop.trim().parse() {
+                Ok(ip) if trusted(&ip) => continue,
+                Ok(ip) => return ip,
                 // A hop that is not an address is not to be trusted any further.
-                None => return peer,
+                Err(_) => return peer,
             }
         }
         peer
     }
 
     /// The OAuth2 password check behind `/token` and `/api/auth/login`.
-    async fn login(
-        &self,
-        email: &str,
-        password: String,
-        client: IpAddr,
-    ) -> Result<HttpResponse, ApiError> {
+    async fn login(&self, email: &str, password: String, client: IpAddr) -> Result<HttpResponse> {
         let email = normalize_email(email);
         let (by_client, by_email) = (Bucket::Client(client), Bucket::Email(&email));
         // The client's slot first: a client out of attempts does not get to spend the email's.
@@ -2504,31 +2498,23 @@ impl AppState {
             return Err(refused);
         }
         let account: Option<(String, Option<String>, i64)> = db!(self.db, read, |conn| async {
-            users::table
-                .filter(users::email.eq(&email))
-                .select((users::id, users::password_hash, users::tokens_not_before))
-                .first(conn)
-                .await
-                .optional()
+            let columns = (users::id, users::password_hash, users::tokens_not_before);
+            let by_address = users::table.filter(users::email.eq(&email));
+            by_address.select(columns).first(conn).await.optional()
         })?;
-        let (account, hash) = match account {
-            Some((id, hash, not_before)) => (Some((id, not_before)), hash),
-            None => (None, None),
-        };
+        let hash = account.as_ref().and_then(|(_, hash, _)| hash.clone());
         let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
         let verified = self.passwords.verify(password, hash).await? && plausible;
-        match account {
-            Some((user_id, tokens_not_before)) if verified => {
-                self.db.clear_attempts(by_email).await?;
-                self.db.give_back_attempt(by_client).await?;
-                Ok(HttpResponse::Ok()
-                    .insert_header((header::CACHE_CONTROL, "no-store"))
-                    .insert_header((header::PRAGMA, "no-cache"))
-                    .json(self.auth.issue(&user_id, tokens_not_before)?))
-            }
+        let Some((user_id, _, tokens_not_before)) = account.filter(|_| verified) else {
             // The failure keeps both slots it took.
-            _ => Err(ApiError::Unauthorized("Incorrect email or password")),
-        }
+            return Err(ApiError::Unauthorized("Incorrect email or password"));
+        };
+        self.db.clear_attempts(by_email).await?;
+        self.db.give_back_attempt(by_client).await?;
+        Ok(HttpResponse::Ok()
+            .insert_header((header::CACHE_CONTROL, "no-store"))
+            .insert_header((header::PRAGMA, "no-cache"))
+            .json(self.auth.issue(&user_id, tokens_not_before)?))
     }
 }
 
