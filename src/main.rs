@@ -300,7 +300,7 @@ diesel::table! {
     }
 }
 
-// Failed-login limits; see `LoginThrottle`.
+// Failed password attempts per bucket; see `Bucket`.
 diesel::table! {
     login_throttle (bucket) {
         bucket -> Text,
@@ -895,7 +895,7 @@ struct Fields {
     errors: Vec<FieldError>,
 }
 
-/// A request type, read from `Fields` (see the impls at the end of this part).
+/// A request type, read from `Fields` (`request_type!` writes the impls).
 trait FromFields: Sized {
     fn from_fields(fields: &mut Fields) -> Self;
 }
@@ -1229,11 +1229,12 @@ impl From<actix_web::error::BlockingError> for ApiError {
 const JSON_LIMIT: usize = 64 * 1024;
 const FORM_LIMIT: usize = 4 * 1024;
 
-/// A JSON body read but not yet looked at. Routes that need a token take this and `parse` it
-/// once they know who is asking, as FastAPI runs its auth dependency before it validates the
-/// body: a bad token is a 401 and a request for another user's tasks a 403 whatever the body,
-/// not a 422 that tells a stranger how the route validates. (Extractors run concurrently, and
-/// the first to fail decides the answer, so `CurrentUser` next to `Json` could not promise it.)
+/// A JSON body (`application/json`, at most 64 KiB) read but not yet looked at. Handlers `parse`
+/// it once the other extractors have run, as FastAPI runs its auth dependency before it
+/// validates the body: a bad token is a 401 and a request for another user's tasks a 403
+/// whatever the body, not a 422 that tells a stranger how the route validates. (Extractors run
+/// concurrently and the first to fail decides the answer, so a parsing extractor next to
+/// `CurrentUser` could not promise it.)
 struct JsonBody(Result<web::Bytes, ApiError>);
 
 /// A `application/x-www-form-urlencoded` body (at most 4 KiB), read and checked.
