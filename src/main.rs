@@ -2151,25 +2151,22 @@ impl JwkSetCache {
 
     /// Fetches the set and replaces the cache with the keys it can use.
     async fn refresh(&self) -> Result<usize, String> {
-        let response = self
-            .client
-            .get(&self.url)
-            .send()
-            .await
+        let response = self.client.get(&self.url).send().await;
+        let response = response
+            .and_then(|r| r.error_for_status())
             .map_err(|e| e.to_string())?;
-        if !response.status().is_success() {
-            return Err(format!("HTTP {}", response.status()));
+        // Each key is parsed on its own: one this server cannot use does not spoil the others.
+        #[derive(Deserialize)]
+        struct JwkSet {
+            keys: Vec<serde_json::Value>,
         }
-        let body: serde_json::Value = response
+        let set: JwkSet = response
             .json()
             .await
-            .map_err(|e| format!("not JSON: {e}"))?;
-        let entries = body
-            .get("keys")
-            .and_then(|k| k.as_array())
-            .ok_or("no \"keys\" array")?;
-        let keys: HashMap<String, Arc<JwkKey>> = entries
-            .iter()
+            .map_err(|e| format!("not a JWK Set: {e}"))?;
+        let keys: HashMap<_, _> = set
+            .keys
+            .into_iter()
             .filter_map(|jwk| self.usable_key(jwk))
             .collect();
         let count = keys.len();
@@ -2179,34 +2176,33 @@ impl JwkSetCache {
 
     /// A JWK this server will verify with, or `None`: symmetric keys, unknown curves, keys
     /// meant for encryption and keys whose declared `alg` does not fit their type are skipped.
-    fn usable_key(&self, jwk: &serde_json::Value) -> Option<(String, Arc<JwkKey>)> {
-        let kid = jwk.get("kid")?.as_str()?.to_string();
-        if jwk
-            .get("use")
-            .and_then(|u| u.as_str())
-            .is_some_and(|u| u != "sig")
-        {
-            return None;
-        }
-        let kty = jwk.get("kty")?.as_str()?;
-        let crv = jwk.get("crv").and_then(|c| c.as_str());
-        let allowed: &[Algorithm] = match (kty, crv) {
-            ("OKP", Some("Ed25519")) => &[Algorithm::EdDSA],
-            ("EC", Some("P-256")) => &[Algorithm::ES256],
-            ("RSA", _) => &[Algorithm::RS256, Algorithm::PS256],
+    fn usable_key(&self, jwk: serde_json::Value) -> Option<(String, Arc<JwkKey>)> {
+        use jsonwebtoken::jwk::{AlgorithmParameters as Key, EllipticCurve, Jwk, PublicKeyUse};
+        let jwk: Jwk = serde_json::from_value(jwk).ok()?;
+        let kid = jwk.common.key_id.clone()?;
+        let for_signing = matches!(
+            jwk.common.public_key_use,
+            None | Some(PublicKeyUse::Signature)
+        );
+        let allowed: &[Algorithm] = match &jwk.algorithm {
+            _ if !for_signing => return None,
+            Key::OctetKeyPair(key) if key.curve == EllipticCurve::Ed25519 => &[Algorithm::EdDSA],
+            Key::EllipticCurve(key) if key.curve == EllipticCurve::P256 => &[Algorithm::ES256],
+            Key::RSA(_) => &[Algorithm::RS256, Algorithm::PS256],
             _ => return None,
         };
-        let algorithms: Vec<Algorithm> = match jwk.get("alg").and_then(|a| a.as_str()) {
+        let algorithms = match jwk.common.key_algorithm {
             Some(declared) => {
-                let declared = Algorithm::from_str(declared).ok()?;
+                let declared = Algorithm::from_str(&declared.to_string()).ok()?;
                 allowed.contains(&declared).then(|| vec![declared])?
             }
             None => allowed.to_vec(),
         };
-        let parsed: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).ok()?;
-        let decoding_key = DecodingKey::from_jwk(&parsed).ok()?;
-        let mut validation = self.base_validation.clone();
-        validation.algorithms = algorithms;
+        let decoding_key = DecodingKey::from_jwk(&jwk).ok()?;
+        let validation = Validation {
+            algorithms,
+            ..self.base_validation.clone()
+        };
         Some((
             kid,
             Arc::new(JwkKey {
