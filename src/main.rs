@@ -2639,10 +2639,10 @@ async fn register(state: State, body: JsonBody) -> Result<HttpResponse> {
 async fn oauth2_token(
     state: State,
     req: HttpRequest,
-    form: Form<TokenForm>,
+    Form(form): Form<TokenForm>,
 ) -> Result<HttpResponse> {
     let client = state.client_ip(&req);
-    state.login(&form.0.username, form.0.password, client).await
+    state.login(&form.username, form.password, client).await
 }
 
 /// Log in with JSON; the same as `/token`.
@@ -2653,9 +2653,8 @@ async fn oauth2_token(
 #[post("/api/auth/login")]
 async fn login(state: State, req: HttpRequest, body: JsonBody) -> Result<HttpResponse> {
     let body: LoginRequest = body.parse()?;
-    state
-        .login(&body.email, body.password, state.client_ip(&req))
-        .await
+    let client = state.client_ip(&req);
+    state.login(&body.email, body.password, client).await
 }
 
 // ----- [users] -----------------------------------------------------------------------------------
@@ -2700,8 +2699,11 @@ async fn update_me(
     Unauthorized, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
 ))]
 #[put("/api/users/me/password")]
-async fn change_password(state: State, user: CurrentUser, body: JsonBody) -> Result<HttpResponse> {
-    let CurrentUser(user) = user;
+async fn change_password(
+    state: State,
+    CurrentUser(user): CurrentUser,
+    body: JsonBody,
+) -> Result<HttpResponse> {
     let body: PasswordChange = body.parse()?;
     // Guessing the current password with a stolen token is throttled like logins.
     let guesses = Bucket::PasswordOf(&user.id);
@@ -2711,11 +2713,8 @@ async fn change_password(state: State, user: CurrentUser, body: JsonBody) -> Res
         me.select(users::password_hash).first(conn).await.optional()
     })?
     .ok_or(INVALID_TOKEN)?;
-    if !state
-        .passwords
-        .verify(body.current_password, current_hash)
-        .await?
-    {
+    let right = state.passwords.verify(body.current_password, current_hash);
+    if !right.await? {
         return Err(ApiError::BadRequest("Incorrect password"));
     }
     state.db.clear_attempts(guesses).await?;
