@@ -697,6 +697,20 @@ macro_rules! matching_tasks {
     }};
 }
 
+/// `%`, `_` and `\` in a search are literal characters, not wildcards.
+fn like_pattern(search: &str) -> String {
+    let mut pattern = String::with_capacity(search.len() + 2);
+    pattern.push('%');
+    for c in search.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
 #[derive(Deserialize, ToSchema, Default, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 #[schema(default = "all")]
@@ -2798,20 +2812,6 @@ async fn page_of_tasks(
         };
         QueryResult::Ok((page, total))
     })
-}
-
-/// `%`, `_` and `\` in a search are literal characters, not wildcards.
-fn like_pattern(search: &str) -> String {
-    let mut pattern = String::with_capacity(search.len() + 2);
-    pattern.push('%');
-    for c in search.to_lowercase().chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            pattern.push('\\');
-        }
-        pattern.push(c);
-    }
-    pattern.push('%');
-    pattern
 }
 
 /// Create a task.
