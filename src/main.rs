@@ -29,8 +29,8 @@ use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
 use actix_web::web::Json;
 use actix_web::{
-    delete, get, middleware, patch, post, put, web, App, FromRequest, HttpRequest, HttpResponse,
-    HttpServer, ResponseError,
+    delete, get, middleware, patch, post, put, web, App, FromRequest, HttpMessage, HttpRequest,
+    HttpResponse, HttpServer, ResponseError,
 };
 use chrono::{NaiveDateTime, SubsecRound, Utc};
 use diesel::prelude::*;
@@ -1337,16 +1337,10 @@ fn urlencoded(input: &[u8], keep_empty: bool) -> serde_json::Map<String, serde_j
         .collect()
 }
 
+/// The media type of the body (`application/json`, lower case, no parameters), if one is named.
 fn content_type(req: &HttpRequest) -> Option<String> {
-    req.headers().get(header::CONTENT_TYPE).map(|v| {
-        v.to_str()
-            .unwrap_or("")
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase()
-    })
+    let named = req.headers().contains_key(header::CONTENT_TYPE);
+    named.then(|| req.content_type().to_ascii_lowercase())
 }
 
 /// Reads the whole body, refusing (413) as soon as it grows past `limit`.
