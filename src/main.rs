@@ -2373,8 +2373,8 @@ impl JwkSetCache {
     }
 }
 
-/// bcrypt, kept off the async workers and limited to one hash per core at a time, so a burst of
-/// logins queues instead of starving everything else.
+/// bcrypt, kept off the async workers, limited to one hash per core at a time and run at a low
+/// CPU priority, so a burst of logins queues and slows logins instead of everything else.
 struct PasswordHasher {
     cost: u32,
     permits: tokio::sync::Semaphore,
@@ -2394,11 +2394,18 @@ impl PasswordHasher {
         })
     }
 
-    /// Runs `work` on the blocking pool once a permit is free.
+    /// Runs `work` on the blocking pool once a permit is free, at `nice` 10: when the CPU is
+    /// busy, requests that do not hash (and PostgreSQL, when it shares the machine) go first.
     async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let permit = self.permits.acquire().await;
         let _permit = permit.map_err(|e| ApiError::Internal(e.to_string()))?;
-        Ok(web::block(work).await?)
+        let background = move || {
+            // SAFETY: setpriority on this thread's own id changes only its nice value, which
+            // any thread may raise; it touches no memory.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+            work()
+        };
+        Ok(web::block(background).await?)
     }
 
     async fn hash(&self, password: String) -> Result<String> {

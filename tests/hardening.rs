@@ -527,6 +527,50 @@ fn connections_are_capped_and_the_open_files_limit_raised() {
     );
 }
 
+/// Each thread of `pid` with its name and its nice value (from /proc/PID/task/TID/stat).
+fn thread_priorities(pid: u32) -> Vec<(String, i64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("stat")).ok()?;
+            // `pid (comm) state …`: the comm may hold spaces, so split after its closing paren.
+            let (head, rest) = stat.rsplit_once(')')?;
+            let name = head.split_once('(')?.1.to_string();
+            // Fields after the comm start at field 3; nice is field 19.
+            let nice = rest.split_whitespace().nth(19 - 3)?.parse().ok()?;
+            Some((name, nice))
+        })
+        .collect()
+}
+
+/// A flood of logins must not starve the requests that only read: bcrypt runs at a lower CPU
+/// priority (nice 10) than the threads that serve requests (nice 0).
+#[test]
+fn password_hashing_runs_below_request_priority() {
+    let srv = server(&Backend::Sqlite).env("BCRYPT_COST", "4").start();
+    srv.register("nice@example.com", "correct horse battery");
+    assert_eq!(
+        login_status(&srv, "nice@example.com", "correct horse battery"),
+        StatusCode::OK
+    );
+    let threads = thread_priorities(srv.child.id());
+    let niced: Vec<_> = threads.iter().filter(|(_, nice)| *nice == 10).collect();
+    let others: Vec<_> = threads.iter().filter(|(_, nice)| *nice != 10).collect();
+    assert!(
+        !niced.is_empty(),
+        "a thread that hashed runs at nice 10: {threads:?}"
+    );
+    assert!(
+        others.iter().all(|(_, nice)| *nice == 0) && others.len() >= 2,
+        "the workers and the main thread stay at nice 0: {threads:?}"
+    );
+    // The server still answers, and logins still work, from the niced threads.
+    assert_eq!(
+        login_status(&srv, "nice@example.com", "correct horse battery"),
+        StatusCode::OK
+    );
+}
+
 on_both_backends!(
     throttle_holds_under_a_concurrent_burst,
     throttle_is_shared_by_instances_on_one_database,
