@@ -1558,10 +1558,9 @@ impl WriteBatch {
         // The requests woken by `Open`, and those the poll for I/O finds ready, run before this
         // task does again (tokio defers a yield until then).
         actix_web::rt::task::yield_now().await;
-        let Some(writer) = self.writer.borrow_mut().take() else {
-            unreachable!("the batch was opened above");
-        };
-        let mut writer = writer?;
+        let writer = self.writer.borrow_mut().take();
+        let lost = || ApiError::Internal("the write batch lost its writer".into());
+        let mut writer = writer.ok_or_else(lost)??;
         sql(&mut writer, "COMMIT").inspect_err(|_| rollback(&mut writer))
     }
 
