@@ -1833,7 +1833,10 @@ impl Database {
                 }))
             }
             DatabaseUrl::Postgres(url) => {
-                migrations = migrate_postgres(url, config.database_timeout).await?;
+                // At startup the server may wait longer than a request would: a database that
+                // is itself starting (or a serverless one waking up) should not stop it.
+                let startup_timeout = config.database_timeout.max(STARTUP_CONNECT_TIMEOUT);
+                migrations = migrate_postgres(url, startup_timeout).await?;
                 let total = config.pool_size.unwrap_or(10);
                 Database::Postgres(Arc::new(PgSettings {
                     url: url.clone(),
@@ -1895,6 +1898,9 @@ fn migrate_sqlite(writer: &mut SqliteConn) -> Result<usize, String> {
         .ok_or("migrations did not run inline")?;
     migrated.map_err(|e| e.to_string())?
 }
+
+/// How long startup waits for PostgreSQL to accept its first connection.
+const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Brings a PostgreSQL schema up to date. diesel's migration harness is synchronous, so it runs
 /// on a blocking thread through diesel-async's wrapper (the async harness would call
