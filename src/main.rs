@@ -33,15 +33,18 @@ use actix_web::{
     HttpResponse, HttpServer, ResponseError,
 };
 use chrono::{NaiveDateTime, SubsecRound, Utc};
-use diesel::prelude::*;
-use diesel::sqlite::SqliteConnection;
-use diesel::ConnectionResult;
+// Not `diesel::prelude::*`: it brings diesel's synchronous `RunQueryDsl` into every scope, and
+// `db!` picks the query methods per backend (see `inline_sqlite`).
+use diesel::{
+    AsChangeset, BoolExpressionMethods, Connection, ConnectionResult, EscapeExpressionMethods,
+    ExpressionMethods, Insertable, NullableExpressionMethods, OptionalExtension, QueryDsl,
+    QueryResult, Queryable, Selectable, SelectableHelper, SqliteConnection, TextExpressionMethods,
+};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
-use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::AsyncPgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use futures_util::future::Either;
-use futures_util::future::{BoxFuture, FutureExt, LocalBoxFuture};
+use futures_util::future::{FutureExt, LocalBoxFuture};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::json;
@@ -1394,7 +1397,8 @@ fn read_body(
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
-/// Runs each SQLite statement right away, on the async worker that asked for it.
+/// SQLite statements run right away, on the async worker that asked for them, through diesel's
+/// own synchronous driver.
 ///
 /// A statement on a local WAL database is a few microseconds of work from the page cache; handing
 /// it to a blocking thread and back costs two thread switches, more than the work, and puts
@@ -1404,26 +1408,52 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/po
 /// write lock but the one writer connection, so `busy_timeout` only matters when another
 /// process writes to the same file.
 ///
-/// It also sidesteps a panic: diesel-async's default spawner, when a query future is dropped
-/// early (a client that hangs up, a sibling extractor that failed), waits with
-/// `tokio::task::block_in_place`, which panics on actix's current-thread runtimes. Here the work
-/// is finished before any future exists, so there is never work in flight to wait for.
-struct OnWorkerThread;
+/// diesel-async's `SyncConnectionWrapper` would let SQLite use diesel-async's query methods, but
+/// it is built to ship work to another thread: it renders every query to SQL text and copies
+/// its parameters before running it, and copies every row it reads into owned values. Calling
+/// diesel directly skips all three (a task list spent a fifth of its time there). This trait
+/// is the price: diesel's synchronous methods under diesel-async's names, returning futures that
+/// are already complete, so that `db!` runs one query text on either backend.
+mod inline_sqlite {
+    use diesel::query_dsl::methods::{ExecuteDsl, LimitDsl};
+    use diesel::query_dsl::LoadQuery;
+    use diesel::{dsl::Limit, QueryResult, SqliteConnection};
+    use std::future::{ready, Ready};
 
-impl SpawnBlocking for OnWorkerThread {
-    fn spawn_blocking<'a, R: Send + 'static>(
-        &mut self,
-        task: impl FnOnce() -> R + Send + 'static,
-    ) -> BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>> {
-        std::future::ready(Ok(task())).boxed()
+    pub trait RunQueryDsl: diesel::RunQueryDsl<SqliteConnection> + Sized {
+        fn execute(self, conn: &mut SqliteConnection) -> Ready<QueryResult<usize>>
+        where
+            Self: ExecuteDsl<SqliteConnection>,
+        {
+            ready(diesel::RunQueryDsl::execute(self, conn))
+        }
+
+        fn load<'query, U>(self, conn: &mut SqliteConnection) -> Ready<QueryResult<Vec<U>>>
+        where
+            Self: LoadQuery<'query, SqliteConnection, U>,
+        {
+            ready(diesel::RunQueryDsl::load(self, conn))
+        }
+
+        fn get_result<'query, U>(self, conn: &mut SqliteConnection) -> Ready<QueryResult<U>>
+        where
+            Self: LoadQuery<'query, SqliteConnection, U>,
+        {
+            ready(diesel::RunQueryDsl::get_result(self, conn))
+        }
+
+        fn first<'query, U>(self, conn: &mut SqliteConnection) -> Ready<QueryResult<U>>
+        where
+            Self: LimitDsl,
+            Limit<Self>: LoadQuery<'query, SqliteConnection, U>,
+        {
+            ready(diesel::RunQueryDsl::first(self, conn))
+        }
     }
 
-    fn get_runtime() -> Self {
-        OnWorkerThread
-    }
+    impl<T: diesel::RunQueryDsl<SqliteConnection>> RunQueryDsl for T {}
 }
 
-type SqliteConn = SyncConnectionWrapper<SqliteConnection, OnWorkerThread>;
 type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 /// The configured database: SQLite (embedded, the default) or PostgreSQL (a server, by URL).
@@ -1433,7 +1463,7 @@ enum Database {
     Postgres(Arc<PgSettings>),
 }
 
-/// SQLite, run inline on the worker threads (see `OnWorkerThread`).
+/// SQLite, run inline on the worker threads (see `inline_sqlite`).
 ///
 /// Its statements take microseconds and never wait on a network, so its connections are not
 /// pooled: each worker thread reads through a connection of its own (WAL lets readers run beside
@@ -1448,12 +1478,12 @@ enum Database {
 /// from thread to thread for every write left it idle while the next thread woke up.
 struct SqliteDatabase {
     path: String,
-    writer: Arc<tokio::sync::Mutex<SqliteConn>>,
+    writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
 }
 
 thread_local! {
     /// This worker thread's reader connection, opened on first use.
-    static SQLITE_READER: std::cell::RefCell<Option<SqliteConn>> =
+    static SQLITE_READER: std::cell::RefCell<Option<SqliteConnection>> =
         const { std::cell::RefCell::new(None) };
     /// The batch this worker thread's next write joins, while one is waiting for the writer or
     /// open.
@@ -1465,7 +1495,7 @@ impl SqliteDatabase {
     /// Runs `statements` on this thread's reader connection.
     async fn read<T>(
         &self,
-        statements: impl FnOnce(&mut SqliteConn) -> Option<QueryResult<T>>,
+        statements: impl FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
     ) -> Result<T, ApiError> {
         // Every `:memory:` connection is a database of its own: there the writer is the only one.
         if self.path == ":memory:" {
@@ -1486,7 +1516,7 @@ impl SqliteDatabase {
     /// committed: a write is acknowledged only when it will survive a crash.
     async fn write<T, F>(&self, mut statements: F) -> Result<T, ApiError>
     where
-        F: FnOnce(&mut SqliteConn) -> Option<QueryResult<T>>,
+        F: FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
     {
         loop {
             let batch = WriteBatch::join(&self.writer);
@@ -1517,7 +1547,7 @@ impl SqliteDatabase {
 struct WriteBatch {
     /// The writer, inside the batch's transaction, while the batch is open; the error instead
     /// if a write's error ended the transaction early.
-    writer: std::cell::RefCell<Option<Result<tokio::sync::OwnedMutexGuard<SqliteConn>>>>,
+    writer: std::cell::RefCell<Option<Result<tokio::sync::OwnedMutexGuard<SqliteConnection>>>>,
     state: tokio::sync::watch::Sender<BatchState>,
 }
 
@@ -1529,7 +1559,7 @@ enum BatchState {
 
 impl WriteBatch {
     /// This thread's current batch, started if there is none.
-    fn join(writer: &Arc<tokio::sync::Mutex<SqliteConn>>) -> std::rc::Rc<WriteBatch> {
+    fn join(writer: &Arc<tokio::sync::Mutex<SqliteConnection>>) -> std::rc::Rc<WriteBatch> {
         SQLITE_BATCH.with_borrow_mut(|current| {
             let batch = current.get_or_insert_with(|| {
                 let batch = std::rc::Rc::new(WriteBatch {
@@ -1544,13 +1574,16 @@ impl WriteBatch {
     }
 
     /// Opens the batch, commits it one turn of the event loop later, and tells its writes.
-    async fn drive(self: std::rc::Rc<Self>, writer: Arc<tokio::sync::Mutex<SqliteConn>>) {
+    async fn drive(self: std::rc::Rc<Self>, writer: Arc<tokio::sync::Mutex<SqliteConnection>>) {
         let outcome = self.open_and_commit(writer).await;
         SQLITE_BATCH.with_borrow_mut(|current| *current = None);
         self.state.send_replace(BatchState::Done(outcome));
     }
 
-    async fn open_and_commit(&self, writer: Arc<tokio::sync::Mutex<SqliteConn>>) -> Result<()> {
+    async fn open_and_commit(
+        &self,
+        writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
+    ) -> Result<()> {
         let mut writer = writer.lock_owned().await;
         sql(&mut writer, "BEGIN IMMEDIATE")?;
         *self.writer.borrow_mut() = Some(Ok(writer));
@@ -1589,7 +1622,7 @@ impl WriteBatch {
     /// is closed (committed, or its transaction ended by an error).
     fn run<T, F>(&self, statements: F) -> Result<Result<T>, F>
     where
-        F: FnOnce(&mut SqliteConn) -> Option<QueryResult<T>>,
+        F: FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
     {
         let mut open = self.writer.borrow_mut();
         let Some(Ok(writer)) = open.as_mut() else {
@@ -1624,20 +1657,20 @@ impl ApiError {
 }
 
 /// Runs SQL without results on a SQLite connection.
-fn sql(conn: &mut SqliteConn, text: &str) -> Result<()> {
-    use diesel_async::SimpleAsyncConnection;
-    finish_inline(conn, |conn| conn.batch_execute(text).now_or_never())
+fn sql(conn: &mut SqliteConnection, text: &str) -> Result<()> {
+    use diesel::connection::SimpleConnection;
+    Ok(conn.batch_execute(text)?)
 }
 
 /// Ends whatever transaction is left open, so the writer is clean for the next batch.
-fn rollback(conn: &mut SqliteConn) {
+fn rollback(conn: &mut SqliteConnection) {
     let _ = sql(conn, "ROLLBACK"); // "no transaction is active" is fine too
 }
 
-/// The result of statements that finish within one poll, as SQLite's on `OnWorkerThread` do.
+/// The result of statements that finish within one poll, as SQLite's through `inline_sqlite` do.
 fn finish_inline<T>(
-    conn: &mut SqliteConn,
-    statements: impl FnOnce(&mut SqliteConn) -> Option<QueryResult<T>>,
+    conn: &mut SqliteConnection,
+    statements: impl FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
 ) -> Result<T, ApiError> {
     let result = statements(conn).ok_or_else(|| {
         ApiError::Internal("a SQLite statement waited for something other than SQLite".into())
@@ -1778,8 +1811,12 @@ impl PgDatabase {
 macro_rules! db {
     ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
         match &$database {
-            Database::Sqlite(sqlite) => sqlite.$role(|$conn| $query.now_or_never()).await,
+            Database::Sqlite(sqlite) => {
+                use inline_sqlite::RunQueryDsl as _;
+                sqlite.$role(|$conn| $query.now_or_never()).await
+            }
             Database::Postgres(settings) => {
+                use diesel_async::RunQueryDsl as _;
                 let pg = settings.pool_here();
                 let answer = async {
                     let mut pooled = pg.connection().await?;
@@ -1886,17 +1923,9 @@ async fn connect_postgres(url: &str, timeout: Duration) -> ConnectionResult<Asyn
 
 /// Brings a SQLite schema up to date, on the writer: for `:memory:` it is the only database
 /// there is.
-fn migrate_sqlite(writer: &mut SqliteConn) -> Result<usize, String> {
-    let migrated = writer
-        .spawn_blocking(|conn| {
-            Ok(conn
-                .run_pending_migrations(SQLITE_MIGRATIONS)
-                .map(|v| v.len())
-                .map_err(|e| e.to_string()))
-        })
-        .now_or_never()
-        .ok_or("migrations did not run inline")?;
-    migrated.map_err(|e| e.to_string())?
+fn migrate_sqlite(writer: &mut SqliteConnection) -> Result<usize, String> {
+    let migrated = writer.run_pending_migrations(SQLITE_MIGRATIONS);
+    migrated.map(|v| v.len()).map_err(|e| e.to_string())
 }
 
 /// How long startup waits for PostgreSQL to accept its first connection.
@@ -1940,7 +1969,7 @@ fn postgres_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
 }
 
 /// Opens one SQLite connection, set up the way this app needs every connection to be.
-fn open_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConn> {
+fn open_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConnection> {
     let mut conn = SqliteConnection::establish(path)?;
     let setup = |conn: &mut SqliteConnection| -> QueryResult<()> {
         // busy_timeout first, so the statements after it wait for a lock instead of failing.
@@ -1958,7 +1987,7 @@ fn open_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConn> {
         lower_utils::register_impl(conn, |text: Option<String>| text.map(|t| t.to_lowercase()))
     };
     setup(&mut conn).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-    Ok(SyncConnectionWrapper::with_runtime(conn, OnWorkerThread))
+    Ok(conn)
 }
 
 /// Copies committed pages from the WAL into the database file once a second, on a thread of its
