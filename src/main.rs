@@ -1861,12 +1861,13 @@ impl Database {
                 let mut writer =
                     open_sqlite(path).map_err(|e| format!("cannot open the database: {e}"))?;
                 migrations = migrate_sqlite(&mut writer)?;
+                let writer = Arc::new(tokio::sync::Mutex::new(writer));
                 if path != ":memory:" {
-                    spawn_checkpointer(path)?;
+                    spawn_checkpointer(path, writer.clone())?;
                 }
                 Database::Sqlite(Arc::new(SqliteDatabase {
                     path: path.clone(),
-                    writer: Arc::new(tokio::sync::Mutex::new(writer)),
+                    writer,
                 }))
             }
             DatabaseUrl::Postgres(url) => {
@@ -1975,7 +1976,8 @@ fn open_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConnection> {
         // busy_timeout first, so the statements after it wait for a lock instead of failing.
         // WAL lets readers run beside the writer. NORMAL syncs only at checkpoints, and in WAL
         // mode keeps every commit across a crash of this process. Checkpoints are left to the
-        // background checkpointer, so no request ever waits for an fsync.
+        // background checkpointer, so requests wait for an fsync only when it resets the WAL
+        // (see `checkpoint`), at most once a second.
         diesel::connection::SimpleConnection::batch_execute(
             conn,
             "PRAGMA busy_timeout = 5000;
@@ -1990,27 +1992,104 @@ fn open_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConnection> {
     Ok(conn)
 }
 
+/// How many pages the write-ahead log may hold before the checkpointer resets it (see
+/// `checkpoint`): 16 MiB of SQLite's default 4 KiB pages, four times the size at which SQLite
+/// itself would checkpoint (`wal_autocheckpoint`, 1000 pages).
+///
+/// A reset makes writes wait (for two fsyncs and a truncation: 20 to 80 ms measured on a cloud
+/// VM's disk), so it should not come on every tick under a moderate load; and the log, which reads
+/// must search and which is replayed when the database is opened after a crash, should stay
+/// small. It never grows much past this size plus what one second of writes adds (some 30 MiB
+/// under a full load of creates).
+const WAL_RESET_PAGES: i32 = 4096;
+
+/// The row `PRAGMA wal_checkpoint` answers (its third column, pages copied, is not needed).
+#[derive(diesel::QueryableByName)]
+struct WalCheckpoint {
+    /// 1 when a blocking checkpoint (`TRUNCATE`) gave up waiting for a reader or a writer.
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    busy: i32,
+    /// Pages (frames) in the log, since it last started over.
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    log: i32,
+}
+
 /// Copies committed pages from the WAL into the database file once a second, on a thread of its
-/// own with its own connection: the fsyncs this takes never land on a request.
-fn spawn_checkpointer(path: &str) -> Result<(), String> {
+/// own with its own connection, and keeps the WAL from growing without bound.
+///
+/// It takes the `writer` now and then, to reset the WAL (see `checkpoint`).
+fn spawn_checkpointer(
+    path: &str,
+    writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
+) -> Result<(), String> {
     let mut conn = SqliteConnection::establish(path).map_err(|e| e.to_string())?;
-    diesel::connection::SimpleConnection::batch_execute(&mut conn, "PRAGMA busy_timeout = 5000;")
+    // A reset waits for readers to leave the WAL while writes wait for the reset. Readers leave
+    // within microseconds; one that stays longer (another process in a long read) makes the
+    // reset give up after this and try again a second later, rather than hold writes back.
+    diesel::connection::SimpleConnection::batch_execute(&mut conn, "PRAGMA busy_timeout = 100;")
         .map_err(|e| e.to_string())?;
     std::thread::Builder::new()
         .name("sqlite-checkpoint".into())
         .spawn(move || loop {
             std::thread::sleep(Duration::from_secs(1));
-            // PASSIVE never blocks readers or the writer; what it cannot copy now, it copies
-            // next time.
-            if let Err(e) = diesel::connection::SimpleConnection::batch_execute(
-                &mut conn,
-                "PRAGMA wal_checkpoint(PASSIVE);",
-            ) {
+            // A failure is retried on the next tick: the WAL only grows meanwhile.
+            if let Err(e) = checkpoint(&mut conn, &writer) {
                 log::warn!("SQLite checkpoint failed: {e}");
             }
         })
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+/// One tick of the checkpointer: copies what it can, and resets the WAL once it holds
+/// `WAL_RESET_PAGES`.
+///
+/// SQLite appends to the WAL until a writer finds every page in it copied and no reader still
+/// reading it; then it starts the log over from the beginning. Under sustained writes that
+/// moment never comes: new pages are appended while a checkpoint copies the old ones, so the
+/// WAL grows for as long as the writes go on (a gigabyte in half a minute of creates at full
+/// speed), until the disk is full. A `TRUNCATE` checkpoint makes the moment: it waits until no
+/// one is writing, copies the rest, waits for the readers still on the WAL (microseconds), and
+/// empties it. The first commit after it also syncs the new log's header (a few ms).
+fn checkpoint(
+    conn: &mut SqliteConnection,
+    writer: &tokio::sync::Mutex<SqliteConnection>,
+) -> QueryResult<()> {
+    // PASSIVE never blocks readers or the writer; what it cannot copy now, it copies next time.
+    let wal = wal_checkpoint(conn, "PASSIVE")?;
+    if wal.log < WAL_RESET_PAGES {
+        return Ok(());
+    }
+    // The writer is taken first, between two batches, so no transaction is open while SQLite's
+    // write lock is held for the reset. A batch that met that lock instead would wait in
+    // SQLite's busy handler, asleep on its worker thread with every request of that thread;
+    // queued on the mutex, writes wait without blocking anything, and reads go on.
+    let writes_held = writer.blocking_lock();
+    let held_since = Instant::now();
+    // Only what was committed during the PASSIVE just above is left to copy, so this is short:
+    // that copy, two fsyncs (the WAL, then the database file) and the truncation.
+    let reset = wal_checkpoint(conn, "TRUNCATE");
+    drop(writes_held);
+    let writes_waited = held_since.elapsed();
+    if reset?.busy != 0 {
+        log::warn!(
+            "SQLite WAL at {} pages: a reader kept it from being reset; trying again in a second",
+            wal.log
+        );
+    } else {
+        log::info!(
+            "SQLite WAL reset at {} pages; writes waited {writes_waited:.1?}",
+            wal.log
+        );
+    }
+    Ok(())
+}
+
+/// Runs `PRAGMA wal_checkpoint(mode)`: SQLite reports a checkpoint kept waiting in its row, not
+/// as an error.
+fn wal_checkpoint(conn: &mut SqliteConnection, mode: &str) -> QueryResult<WalCheckpoint> {
+    let pragma = diesel::sql_query(format!("PRAGMA wal_checkpoint({mode})"));
+    diesel::RunQueryDsl::get_result(pragma, conn)
 }
 
 // =================================================================================================
