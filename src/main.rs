@@ -258,14 +258,22 @@ fn parse_database_url(url: &str) -> Result<DatabaseUrl, String> {
     Ok(DatabaseUrl::Postgres(url.into()))
 }
 
-/// A database URL fit for a log line: the password, if any, replaced.
+/// A database URL fit for a log line: the password, if any, replaced. A URL too malformed to
+/// find the password in (a port out of range, say) shows only its scheme: the password could be
+/// anywhere in the rest.
 fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
             parsed.to_string()
         }
-        _ => url.to_string(),
+        Err(_) if !url.contains('@') => url.to_string(),
+        Err(_) => match url.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://…"),
+            None => "…".into(),
+        },
     }
 }
 

@@ -302,6 +302,18 @@ fn bad_database_url_is_refused(backend: &Backend) {
         let (status, output) = server(backend).env("DATABASE_URL", value).expect_exit();
         assert_refused(status, &output, "DATABASE_URL");
     }
+    // A URL too malformed to parse still has its password kept out of the message.
+    for value in [
+        "postgres://postgres:S3cretPW@127.0.0.1:99999/todo",
+        "postgres://postgres:S3cretPW@[::1/todo",
+    ] {
+        let (status, output) = server(backend).env("DATABASE_URL", value).expect_exit();
+        assert_refused(status, &output, "DATABASE_URL");
+        assert!(
+            !output.contains("S3cretPW"),
+            "the database password must not be printed; output:\n{output}"
+        );
+    }
 }
 
 fn bad_port_is_refused(backend: &Backend) {
