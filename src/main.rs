@@ -699,9 +699,12 @@ macro_rules! matching_tasks {
             matching = matching.filter(tasks::completed.eq(completed));
         }
         if let Some(search) = $query.q.as_deref().filter(|q| !q.is_empty()) {
+            // Both sides go through the same `lower()`: lower-casing the search in Rust instead
+            // would miss titles where the database's rules differ from Rust's (a Greek final
+            // sigma, a Turkish dotted İ) on PostgreSQL.
             let pattern = like_pattern(search);
-            let title = lower(tasks::title.nullable()).like(pattern.clone());
-            let description = lower(tasks::description).like(pattern);
+            let title = lower(tasks::title.nullable()).like(lower(pattern.clone()));
+            let description = lower(tasks::description).like(lower(pattern));
             matching = matching.filter(title.escape('\\').or(description.escape('\\')));
         }
         matching
@@ -712,7 +715,7 @@ macro_rules! matching_tasks {
 fn like_pattern(search: &str) -> String {
     let mut pattern = String::with_capacity(search.len() + 2);
     pattern.push('%');
-    for c in search.to_lowercase().chars() {
+    for c in search.chars() {
         if matches!(c, '%' | '_' | '\\') {
             pattern.push('\\');
         }

@@ -1191,6 +1191,8 @@ fn search_is_literal_and_unicode_aware(backend: &Backend) {
         ("Café besuchen", None, false),
         ("ÉCOLE", None, false),
         ("ПРИВЕТ мир", None, false),
+        ("ΟΔΟΣ", None, false),
+        ("İstanbul gezisi", None, false),
         ("plain task", Some("Nothing Special"), true),
     ];
     for (title, description, completed) in tasks {
@@ -1228,6 +1230,9 @@ fn search_is_literal_and_unicode_aware(backend: &Backend) {
         ("école", &["ÉCOLE"]),
         ("привет", &["ПРИВЕТ мир"]),
         ("МИР", &["ПРИВЕТ мир"]),
+        // A title is found by itself, whatever the database's lower-casing rules make of it.
+        ("ΟΔΟΣ", &["ΟΔΟΣ"]),
+        ("İstanbul", &["İstanbul gezisi"]),
         ("nothing special", &["plain task"]),
         ("markt", &["Obst"]),
         ("zzz", &[]),
