@@ -1596,7 +1596,7 @@ impl WriteBatch {
         writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
     ) -> Result<()> {
         let mut writer = writer.lock_owned().await;
-        sql(&mut writer, "BEGIN IMMEDIATE")?;
+        begin_immediate(&mut writer).await?;
         *self.writer.borrow_mut() = Some(Ok(writer));
         self.state.send_replace(BatchState::Open);
         // The requests woken by `Open`, and those the poll for I/O finds ready, run before this
@@ -1663,6 +1663,26 @@ impl ApiError {
         match self {
             ApiError::Unavailable(m) => ApiError::Unavailable(m.clone()),
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// How long a write waits for another process to release the database's write lock.
+const SQLITE_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// `BEGIN IMMEDIATE` on the writer, waiting while another process holds the write lock (a second
+/// server on the same file, a `sqlite3` shell, a `VACUUM`). The writer has no busy timeout: SQLite
+/// would wait inside its busy handler, asleep on this worker thread with every request of the
+/// thread. Here the wait is a task that sleeps, and the thread goes on serving.
+async fn begin_immediate(writer: &mut SqliteConnection) -> Result<()> {
+    let deadline = Instant::now() + SQLITE_LOCK_WAIT;
+    loop {
+        match sql(writer, "BEGIN IMMEDIATE") {
+            // "database is locked"
+            Err(ApiError::Unavailable(_)) if Instant::now() < deadline => {
+                actix_web::rt::time::sleep(Duration::from_millis(5)).await
+            }
+            begun => return begun,
         }
     }
 }
@@ -1872,6 +1892,8 @@ impl Database {
                 let mut writer =
                     open_sqlite(path).map_err(|e| format!("cannot open the database: {e}"))?;
                 migrations = migrate_sqlite(&mut writer)?;
+                // From now on the writer waits for locks in `begin_immediate`, not in SQLite.
+                sql(&mut writer, "PRAGMA busy_timeout = 0").map_err(|e| e.to_string())?;
                 let writer = Arc::new(tokio::sync::Mutex::new(writer));
                 if path != ":memory:" {
                     spawn_checkpointer(path, writer.clone())?;

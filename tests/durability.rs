@@ -4,6 +4,7 @@ mod common;
 use common::*;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn acknowledged_writes_survive_sigkill(backend: &Backend) {
     let srv = start(backend);
@@ -81,3 +82,55 @@ fn acknowledged_writes_survive_sigkill(backend: &Backend) {
 }
 
 on_both_backends!(acknowledged_writes_survive_sigkill);
+
+/// Another process holding SQLite's write lock (a second server on the same file, a `sqlite3`
+/// shell in a transaction, a `VACUUM`) makes writes wait, not the worker threads: every other
+/// request is still answered at once, and the waiting write lands when the lock is released.
+#[test]
+fn a_write_lock_held_elsewhere_stalls_only_writes() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+
+    let srv = start(&Backend::Sqlite);
+    let (_, token) = srv.user("locked@example.com");
+    let path = srv.db.sqlite_path().unwrap();
+    let mut other = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+    other.batch_execute("BEGIN IMMEDIATE").unwrap();
+
+    std::thread::scope(|scope| {
+        let write = scope.spawn(|| {
+            send(
+                srv.post("/api/me/tasks")
+                    .bearer_auth(&token)
+                    .json(&json!({"title": "waits for the lock"})),
+            )
+        });
+        std::thread::sleep(Duration::from_millis(300)); // the write is waiting by now
+                                                        // Fresh connections, so both worker threads are asked, the one whose write waits too.
+        for _ in 0..8 {
+            let started = Instant::now();
+            let client = reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap();
+            let health = client.get(srv.url("/health")).send().unwrap();
+            assert_eq!(health.status(), StatusCode::OK);
+            let list = client
+                .get(srv.url("/api/me/tasks"))
+                .bearer_auth(&token)
+                .send()
+                .unwrap();
+            assert_eq!(list.status(), StatusCode::OK);
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "a read waited {:?} while another process held the write lock",
+                started.elapsed()
+            );
+        }
+        other.batch_execute("COMMIT").unwrap();
+        let (status, _, body) = write.join().unwrap();
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+    });
+    let (_, headers, _) = send(srv.get("/api/me/tasks").bearer_auth(&token));
+    assert_eq!(headers["x-total-count"], "1");
+}
