@@ -1416,8 +1416,8 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/po
 /// the hand-off latency on the single writer's critical path. The waits SQLite can have are
 /// kept off the request path instead: checkpoints (the only fsyncs with `synchronous=NORMAL`)
 /// run on a background thread (`spawn_checkpointer`), and within this process nothing holds the
-/// write lock but the one writer connection, so `busy_timeout` only matters when another
-/// process writes to the same file.
+/// write lock but the one writer connection; when another process holds it, the writer waits
+/// as a sleeping task (`begin_immediate`), not on the thread.
 ///
 /// diesel-async's `SyncConnectionWrapper` would let SQLite use diesel-async's query methods, but
 /// it is built to ship work to another thread: it renders every query to SQL text and copies
