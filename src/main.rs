@@ -3335,7 +3335,21 @@ impl KnownRoutes {
 
 /// What the router answers when no route matched: 405 with `Allow` if the path exists under
 /// another method, else 404. `json_error_bodies` gives both their `{"detail": …}` body.
+///
+/// A known path with a slash added (`/api/me/tasks/`) is redirected (307, which keeps the method
+/// and the body) to the path without it, query and all, as FastAPI does: clients written for it
+/// may rely on that.
 async fn no_route(req: HttpRequest, known: web::Data<KnownRoutes>) -> HttpResponse {
+    let is_known = |path: &str| known.0.iter().any(|(route, _)| route.is_match(path));
+    if let Some(path) = (req.path().strip_suffix('/')).filter(|path| is_known(path)) {
+        let location = match req.query_string() {
+            "" => path.to_string(),
+            query => format!("{path}?{query}"),
+        };
+        return HttpResponse::TemporaryRedirect()
+            .insert_header((header::LOCATION, location))
+            .finish();
+    }
     let matching = known.0.iter().filter(|(path, _)| path.is_match(req.path()));
     let allowed: Vec<&str> = matching.map(|(_, methods)| methods.as_str()).collect();
     if allowed.is_empty() {

@@ -819,7 +819,8 @@ fn unknown_route_is_404_json(backend: &Backend) {
         ("POST", "/api/nope"),
         ("GET", "/api/me/tasks/1/nope"),
         ("DELETE", "/api/users/me/nope"),
-        ("GET", "/health/"),
+        ("GET", "/nope/"),
+        ("GET", "/api/me/tasks/1/nope/"),
     ] {
         for auth in [false, true] {
             let mut request = srv.client.request(method.parse().unwrap(), srv.url(path));
@@ -831,6 +832,55 @@ fn unknown_route_is_404_json(backend: &Backend) {
             assert_eq!(body, json!({"detail": "Not Found"}), "{what}");
         }
     }
+}
+
+/// A known path with a trailing slash is redirected to the path without it (307: method and
+/// body kept), query string and all, as FastAPI (Starlette's `redirect_slashes`) does.
+fn trailing_slash_redirects_like_fastapi(backend: &Backend) {
+    let srv = start(backend);
+    let (_, token) = srv.user("slash@example.com");
+    let task = create_task(&srv, &token, "t");
+    let no_redirects = reqwest::blocking::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (method, path, location) in [
+        ("GET", "/health/".to_string(), "/health".to_string()),
+        (
+            "GET",
+            "/api/me/tasks/?limit=5&q=a%20b".into(),
+            "/api/me/tasks?limit=5&q=a%20b".into(),
+        ),
+        ("POST", "/api/me/tasks/".into(), "/api/me/tasks".into()),
+        (
+            "DELETE",
+            format!("/api/me/tasks/{task}/"),
+            format!("/api/me/tasks/{task}"),
+        ),
+        ("POST", "/token/".into(), "/token".into()),
+    ] {
+        let request = no_redirects.request(method.parse().unwrap(), srv.url(&path));
+        let response = request.bearer_auth(&token).send().unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::TEMPORARY_REDIRECT,
+            "{method} {path}"
+        );
+        assert_eq!(
+            response.headers()["location"],
+            location.as_str(),
+            "{method} {path}"
+        );
+    }
+    // Followed (as reqwest and browsers do), the redirect reaches the route, body and all.
+    let (status, _, created) = send(
+        reqwest::blocking::Client::new()
+            .post(srv.url("/api/me/tasks/"))
+            .bearer_auth(&token)
+            .json(&json!({"title": "through the redirect"})),
+    );
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["title"], "through the redirect");
 }
 
 fn wrong_method_is_405_with_allow(backend: &Backend) {
@@ -1833,6 +1883,7 @@ on_both_backends!(
     wrong_content_type_is_415,
     oversized_bodies_are_413,
     unknown_route_is_404_json,
+    trailing_slash_redirects_like_fastapi,
     wrong_method_is_405_with_allow,
     nosniff_on_every_response,
     unauthorized_carries_www_authenticate,
