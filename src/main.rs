@@ -1297,6 +1297,8 @@ impl JsonBody {
     /// problem located by field.
     fn parse<T: FromFields>(self) -> Result<T, ApiError> {
         let bytes = self.0?;
+        // A UTF-8 byte order mark is allowed in front, as Python's `json.loads` allows it.
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
         let body_error =
             |msg: &str, kind: &str| ApiError::Invalid(vec![field_error(&["body"], msg, kind)]);
         match bytes.trim_ascii_start().first() {
@@ -1311,7 +1313,7 @@ impl JsonBody {
             Some(_) => return Err(body_error("JSON decode error", "json_invalid")),
         }
         // Trailing bytes after the object are malformed JSON too, not something to ignore.
-        let object = serde_json::from_slice(&bytes)
+        let object = serde_json::from_slice(bytes)
             .map_err(|_| body_error("JSON decode error", "json_invalid"))?;
         Fields::parse("body", object)
     }

@@ -154,6 +154,26 @@ fn empty_form_fields_are_absent(backend: &Backend) {
     );
 }
 
+/// A JSON body may start with a UTF-8 byte order mark, as Python's `json.loads` (which FastAPI
+/// reads bodies with) allows; anywhere else it is malformed JSON.
+fn a_byte_order_mark_before_json_is_allowed(backend: &Backend) {
+    let srv = start(backend);
+    let (_, token) = srv.user("bom@example.com");
+    let post = |body: &[u8]| {
+        send(
+            srv.post("/api/me/tasks")
+                .bearer_auth(&token)
+                .header("content-type", "application/json")
+                .body(body.to_vec()),
+        )
+    };
+    let (status, _, task) = post(b"\xEF\xBB\xBF{\"title\": \"with a BOM\"}");
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    assert_eq!(task["title"], "with a BOM");
+    let got = problems("BOM inside", post(b"{\xEF\xBB\xBF\"title\": \"x\"}"));
+    assert_eq!(got, vec![(json!(["body"]), "json_invalid".to_string())]);
+}
+
 fn authorization_comes_before_validation(backend: &Backend) {
     let srv = start(backend);
     let (_, token) = srv.user("me@example.com");
@@ -394,6 +414,7 @@ fn search_is_at_most_200_characters(backend: &Backend) {
 }
 
 on_both_backends!(
+    a_byte_order_mark_before_json_is_allowed,
     every_problem_is_reported,
     empty_form_fields_are_absent,
     authorization_comes_before_validation,
