@@ -1324,19 +1324,45 @@ impl<T: FromFields + 'static> FromRequest for Form<T> {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        // Anything but a form reads as an empty form, so the client learns which fields are
+        // A form comes URL-encoded or, from a browser's `FormData`, as multipart; FastAPI reads
+        // both. Anything else reads as an empty form, so the client learns which fields are
         // missing (as FastAPI answers a JSON body sent to a form route).
         let is_form =
             content_type(req).is_some_and(|mime| mime == "application/x-www-form-urlencoded");
+        let raw_type = req.headers().get(header::CONTENT_TYPE);
+        let boundary = raw_type.and_then(|v| multer::parse_boundary(v.to_str().ok()?).ok());
         let body = read_body(req, payload, FORM_LIMIT);
         async move {
             let bytes = body.await?;
-            let form: &[u8] = if is_form { &bytes } else { b"" };
-            // An empty form field counts as absent, as FastAPI has it (`grant_type=` is fine).
-            Fields::parse("body", urlencoded(form, false)).map(Form)
+            let fields = match boundary {
+                Some(boundary) => multipart(bytes, boundary).await?,
+                None => urlencoded(if is_form { &bytes } else { b"" }, false),
+            };
+            Fields::parse("body", fields).map(Form)
         }
         .boxed_local()
     }
+}
+
+/// A `multipart/form-data` body as name → value (text), like `urlencoded`'s. Malformed, it is
+/// FastAPI's 400.
+async fn multipart(
+    body: web::Bytes,
+    boundary: String,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let body = futures_util::stream::once(async { Ok::<_, std::convert::Infallible>(body) });
+    let mut parts = multer::Multipart::new(body, boundary);
+    let malformed = |_| ApiError::BadRequest("There was an error parsing the body");
+    let mut fields = serde_json::Map::new();
+    while let Some(part) = parts.next_field().await.map_err(malformed)? {
+        let name = part.name().map(str::to_string);
+        let value = part.text().await.map_err(malformed)?;
+        // An empty field counts as absent, as in a URL-encoded form.
+        if let Some(name) = name.filter(|_| !value.is_empty()) {
+            fields.insert(name, value.into());
+        }
+    }
+    Ok(fields)
 }
 
 /// The query string, read and checked. A function rather than an extractor, so the task list
@@ -1346,6 +1372,8 @@ fn query<T: FromFields>(req: &HttpRequest) -> Result<T, ApiError> {
 }
 
 /// `a=1&b=2` as name → value (text). A name given twice keeps its last value, as Starlette does.
+/// An empty field counts as absent, as FastAPI has it in forms (`grant_type=` is fine), unless
+/// `keep_empty`: in a query string FastAPI reads `limit=` as an empty value (a 422 for a number).
 fn urlencoded(input: &[u8], keep_empty: bool) -> serde_json::Map<String, serde_json::Value> {
     form_urlencoded::parse(input)
         .filter(|(_, value)| keep_empty || !value.is_empty())
@@ -2943,10 +2971,14 @@ async fn register(state: State, body: JsonBody) -> Result<HttpResponse> {
 }
 
 /// OAuth2 password flow (the form Swagger UI's Authorize button and FastAPI clients send).
+///
+/// The form may also be sent as `multipart/form-data`, as a browser's `FormData` is.
 #[utoipa::path(tag = "auth", security(),
     request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
     responses(
         (status = 200, description = "A bearer token", body = TokenResponse),
+        (status = 400, description = "A multipart form that cannot be parsed", body = ErrorDetail,
+            example = json!({"detail": "There was an error parsing the body"})),
         BadCredentials, BodyTooLarge, Invalid, TooManyAttempts,
     )
 )]

@@ -154,6 +154,43 @@ fn empty_form_fields_are_absent(backend: &Backend) {
     );
 }
 
+/// `/token` also takes its form as `multipart/form-data`, as a browser's `FormData` sends it and
+/// FastAPI reads it; a malformed one is FastAPI's 400.
+fn token_form_may_be_multipart(backend: &Backend) {
+    let srv = start(backend);
+    srv.register("multipart@example.com", PASSWORD);
+    let multipart = |body: String| {
+        send(
+            srv.post("/token")
+                .header("content-type", "multipart/form-data; boundary=XyZ")
+                .body(body),
+        )
+    };
+    let part = |name: &str, value: &str| {
+        format!("--XyZ\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+    };
+    let form = [
+        part("username", "multipart@example.com"),
+        part("password", PASSWORD),
+        part("grant_type", ""),
+        "--XyZ--\r\n".to_string(),
+    ];
+    let (status, _, token) = multipart(form.concat());
+    assert_eq!(status, StatusCode::OK, "{token}");
+    assert_eq!(token["token_type"], "bearer");
+
+    let (status, _, body) = multipart(part("username", "multipart@example.com") + "--XyZ--\r\n");
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "password"]));
+
+    let (status, _, body) = multipart("--XyZ\r\nnot a part header".into());
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(
+        body,
+        json!({"detail": "There was an error parsing the body"})
+    );
+}
+
 /// A JSON body may start with a UTF-8 byte order mark, as Python's `json.loads` (which FastAPI
 /// reads bodies with) allows; anywhere else it is malformed JSON.
 fn a_byte_order_mark_before_json_is_allowed(backend: &Backend) {
@@ -414,6 +451,7 @@ fn search_is_at_most_200_characters(backend: &Backend) {
 }
 
 on_both_backends!(
+    token_form_may_be_multipart,
     a_byte_order_mark_before_json_is_allowed,
     every_problem_is_reported,
     empty_form_fields_are_absent,
