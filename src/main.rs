@@ -23,7 +23,7 @@ use std::str::FromStr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
 use actix_web::dev::{Payload, ResourceDef, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
@@ -82,6 +82,8 @@ struct Config {
     trusted_proxies: Vec<IpAddr>,
     /// How long a client may take to send a whole request body.
     body_timeout: Duration,
+    /// How long a response may take to be written to its client (see `watch_response`).
+    response_timeout: Duration,
     /// Open connections at most, across all workers; more wait in the listen queue.
     max_connections: usize,
 }
@@ -95,6 +97,12 @@ enum DatabaseUrl {
 
 /// How long a client may take to send a request body unless `REQUEST_BODY_TIMEOUT` says otherwise.
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a response may take to be written unless `RESPONSE_TIMEOUT` says otherwise. Long
+/// enough for the largest page (1,000 tasks of control characters, ~7.4 MB) at 2 Mbit/s, and a
+/// common page (100 tasks, tens of kB) on any link; short enough that a client which stops
+/// reading gives back its connection and the response it holds within half a minute.
+const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A variable's value; set-but-empty counts as unset, as it does for most twelve-factor apps.
 fn env_var(name: &str) -> Option<String> {
@@ -187,6 +195,7 @@ impl Config {
             },
             trusted_proxies: parse_list("TRUSTED_PROXIES", |ip| ip.parse().ok(), "an IP address")?,
             body_timeout: seconds("REQUEST_BODY_TIMEOUT")?.unwrap_or(DEFAULT_BODY_TIMEOUT),
+            response_timeout: seconds("RESPONSE_TIMEOUT")?.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
             max_connections: parse_env(
                 "MAX_CONNECTIONS",
                 |n| (1..=1_000_000).contains(n),
@@ -3527,6 +3536,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
     let cors_origins = config.cors_origins.clone();
     let (workers, max_connections) = (worker_threads(), connection_limit(&config));
+    let response_timeout = config.response_timeout;
     let server = HttpServer::new(move || {
         App::new()
             .into_utoipa_app()
@@ -3547,12 +3557,16 @@ async fn serve(config: Config) -> Result<(), String> {
                 middleware::Logger::new(ACCESS_LOG_FORMAT)
                     .custom_request_replace("method", |req| req.method().to_string()),
             )
+            // Last, so outermost: it watches every response, whichever layer produced it.
+            .wrap(middleware::from_fn(watch_response))
     })
     .workers(workers)
     .max_connections(max_connections / workers)
     // SIGTERM and Ctrl-C both stop accepting, let in-flight requests finish, then exit.
     .shutdown_signal(shutdown_signal())
     .shutdown_timeout(30)
+    // Before `bind`: actix takes the callback when it binds.
+    .on_connect(move |io, data| note_connection(io, data, response_timeout))
     .bind((config.host.as_str(), config.port))
     .map_err(|e| {
         let (host, port) = (&config.host, config.port);
@@ -3632,6 +3646,162 @@ fn connection_limit(config: &Config) -> usize {
         .max(worker_threads());
     log::info!("accepting up to {max_connections} connections ({open_files} open files allowed)");
     max_connections
+}
+
+// ----- Clients that do not read their responses --------------------------------------------------
+//
+// actix bounds how long a client may take to send a request, not how long it may take to read
+// the answer. A client that asks for a 7 MB page and never reads kept that page, and its
+// connection, for as long as it stayed: 40 of them took 300 MB. So every response too big to go
+// out in one piece is watched:
+//
+// - Its body is handed to actix a `RESPONSE_CHUNK` at a time. actix asks for more only when its
+//   own write buffer (32 KiB) has drained, so a response waiting for its reader holds under
+//   48 KiB there; handed over whole, it was copied into that buffer, a second copy of the page.
+// - A watchdog ends the connection if the response is still being written `RESPONSE_TIMEOUT`
+//   after the handler answered. The body itself cannot: actix stops asking it for data while
+//   its buffer is full, which is exactly what a client that stopped reading causes. So the
+//   watchdog shuts the socket down; actix's next write fails, and actix drops the connection
+//   and the response with it.
+//
+// Smaller responses are left alone, at no cost: actix takes one whole into its buffer and is done
+// with it at once, and its keep-alive timeout (5 s) then closes the connection if the client
+// never reads.
+
+/// How much of a response body actix is handed at a time, and the size below which a response is
+/// not watched. Well under actix's 32 KiB write buffer, so a response of this size (headers
+/// included) is finished the moment it is first polled.
+const RESPONSE_CHUNK: usize = 16 * 1024;
+
+/// What the watchdog needs to know of a connection, noted when actix accepts it.
+#[derive(Clone, Copy)]
+struct ClientConnection {
+    socket: std::os::fd::RawFd,
+    response_timeout: Duration,
+}
+
+/// `HttpServer::on_connect`: notes the socket of each plain TCP connection.
+fn note_connection(
+    io: &dyn std::any::Any,
+    data: &mut actix_web::dev::Extensions,
+    timeout: Duration,
+) {
+    use std::os::fd::AsRawFd;
+    if let Some(tcp) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        data.insert(ClientConnection {
+            socket: tcp.as_raw_fd(),
+            response_timeout: timeout,
+        });
+    }
+}
+
+/// The outermost middleware: watches every response bigger than `RESPONSE_CHUNK` (or of unknown
+/// size) with a `WatchedBody`; smaller ones pass as they are.
+async fn watch_response<B: MessageBody + 'static>(
+    req: ServiceRequest,
+    next: middleware::Next<B>,
+) -> Result<ServiceResponse<EitherBody<B, WatchedBody>>, actix_web::Error> {
+    let res = next.call(req).await?;
+    let small = match res.response().body().size() {
+        BodySize::None => true,
+        BodySize::Sized(size) => size <= RESPONSE_CHUNK as u64,
+        BodySize::Stream => false,
+    };
+    let connection = res.request().conn_data::<ClientConnection>().copied();
+    match connection {
+        Some(connection) if !small => {
+            let peer = res.request().peer_addr();
+            let watched = res.map_body(|_, body| WatchedBody::new(body.boxed(), connection, peer));
+            Ok(watched.map_into_right_body())
+        }
+        _ => Ok(res.map_into_left_body()),
+    }
+}
+
+/// A response body handed out a `RESPONSE_CHUNK` at a time, with a watchdog that ends the
+/// connection if it is not all written within the connection's `response_timeout`.
+struct WatchedBody {
+    body: BoxBody,
+    /// What is left of the last piece `body` gave. Cut with `Bytes::split_to`, which shares
+    /// the piece's memory instead of copying it.
+    rest: web::Bytes,
+    watchdog: actix_web::rt::task::JoinHandle<()>,
+}
+
+impl WatchedBody {
+    fn new(
+        body: BoxBody,
+        connection: ClientConnection,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Self {
+        let timeout = connection.response_timeout;
+        // A task on this worker's thread, as the connection is.
+        let watchdog = actix_web::rt::spawn(async move {
+            actix_web::rt::time::sleep(timeout).await;
+            log::warn!("response to {peer:?} not read within {timeout:?}: connection closed");
+            reset(connection.socket);
+        });
+        WatchedBody {
+            body,
+            rest: web::Bytes::new(),
+            watchdog,
+        }
+    }
+}
+
+impl Drop for WatchedBody {
+    /// The body is dropped when actix has taken all of it, or when it drops the connection. The
+    /// watchdog must then never touch the socket: once actix closes it, its number may be given
+    /// to the next client. The watchdog runs on this same thread, so it is not running now, and
+    /// an aborted task is never polled again.
+    fn drop(&mut self) {
+        self.watchdog.abort();
+    }
+}
+
+impl MessageBody for WatchedBody {
+    type Error = <BoxBody as MessageBody>::Error;
+
+    fn size(&self) -> BodySize {
+        self.body.size()
+    }
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<web::Bytes, Self::Error>>> {
+        if self.rest.is_empty() {
+            match std::task::ready!(std::pin::Pin::new(&mut self.body).poll_next(cx)) {
+                Some(Ok(piece)) => self.rest = piece,
+                end_or_error => return std::task::Poll::Ready(end_or_error),
+            }
+        }
+        let size = self.rest.len().min(RESPONSE_CHUNK);
+        std::task::Poll::Ready(Some(Ok(self.rest.split_to(size))))
+    }
+}
+
+/// Ends a connection from outside actix: `shutdown` wakes actix, whose next write on the socket
+/// fails, so it drops the connection; `SO_LINGER` 0 makes its close a reset, so the kernel
+/// drops the unsent rest of the response too instead of holding it for a client that will not
+/// read it.
+fn reset(socket: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `socket` is an open socket: the watchdog that calls this is aborted before actix
+    // closes it (see `WatchedBody`'s `Drop`). Both calls only change that socket's state.
+    unsafe {
+        libc::setsockopt(
+            socket,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+        libc::shutdown(socket, libc::SHUT_RDWR);
+    }
 }
 
 /// Process-wide SQLite settings, made before the first connection opens.
