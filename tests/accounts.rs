@@ -1623,6 +1623,34 @@ fn simultaneous_password_changes(backend: &Backend) {
     assert_login_failed(&login_json(&srv, email, PASSWORD), "the old password");
 }
 
+/// Upgrading from revocation by time (`tokens_not_before`): tokens issued before, which carry
+/// no `gen`, keep working for an account whose password never changed and are refused for one
+/// whose password did (its holders log in once more).
+fn tokens_from_before_generations(backend: &Backend) {
+    let srv = start(backend);
+    let (kept, _) = srv.user("kept@example.com");
+    let (changed, _) = srv.user("changed@example.com");
+    let now = now_secs();
+    // The schema as the previous version left it, after one password change.
+    srv.execute_sql(&format!(
+        "ALTER TABLE users ADD COLUMN tokens_not_before BIGINT NOT NULL DEFAULT 0; \
+         ALTER TABLE users DROP COLUMN token_generation; \
+         UPDATE users SET tokens_not_before = {} WHERE email = 'changed@example.com'; \
+         DELETE FROM __diesel_schema_migrations WHERE version = '20261204000000';",
+        now - 60
+    ));
+    let db = srv.db.clone();
+    drop(srv);
+    let srv = server_on(db).start();
+    let old_token =
+        |user: &Value| hs256_token(&json!({"sub": user["id"], "iat": now, "exp": now + 600}));
+    let (status, _, body) = me(&srv, &old_token(&kept));
+    assert_eq!(status, StatusCode::OK, "password never changed: {body}");
+    assert_401(&me(&srv, &old_token(&changed)), "password changed before");
+    let token = srv.login("changed@example.com", PASSWORD);
+    assert_eq!(me(&srv, &token).0, StatusCode::OK, "a new login");
+}
+
 fn delete_me(backend: &Backend) {
     let srv = start(backend);
     let (user, token) = srv.user("leaving@example.com");
@@ -1775,6 +1803,7 @@ on_both_backends!(
     password_changes_within_one_second,
     login_racing_a_password_change,
     simultaneous_password_changes,
+    tokens_from_before_generations,
     delete_me,
     logs_never_contain_passwords_or_tokens,
 );
