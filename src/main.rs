@@ -303,8 +303,9 @@ diesel::table! {
         updated_at -> Timestamp,
         /// NULL for a local account; for an account created from an external token, its issuer.
         issuer -> Nullable<Text>,
-        /// Tokens issued (`iat`, Unix seconds) before this are refused; a password change moves it.
-        tokens_not_before -> BigInt,
+        /// How many times the password has changed; a local token is good only for the current
+        /// value (see `Claims::gen`).
+        token_generation -> BigInt,
     }
 }
 
@@ -459,7 +460,7 @@ struct User {
     #[serde(skip)]
     issuer: Option<String>,
     #[serde(skip)]
-    tokens_not_before: i64,
+    token_generation: i64,
 }
 
 #[derive(Insertable)]
@@ -2283,8 +2284,14 @@ const INVALID_TOKEN: ApiError = ApiError::Unauthorized("Could not validate crede
 #[derive(Serialize)]
 struct Claims {
     sub: String,
+    /// For clients to read; it ends no session (see `gen`).
     iat: u64,
     exp: u64,
+    /// The account's `token_generation` read with the password hash this login checked. A
+    /// password change adds one to it, so every token issued before the change, or by a login
+    /// that checked the old password however late it signs, is refused from then on: exactly,
+    /// where a time (`iat` against the moment of the change) would leave a window.
+    gen: i64,
 }
 
 /// What a verified token says beyond `exp` and `nbf` (which jsonwebtoken checks). `iat` is
@@ -2293,9 +2300,27 @@ struct Claims {
 #[derive(Deserialize)]
 struct TokenClaims {
     sub: String,
+    // Read only so that a token whose `iat` is not a number is refused.
+    #[allow(dead_code)]
     iat: Option<f64>,
     email: Option<String>,
     name: Option<String>,
+    /// This server's `gen` (see `Claims`), taken as it comes: another issuer may use the name
+    /// for something else, and its tokens are not refused for that.
+    #[serde(default)]
+    gen: serde_json::Value,
+}
+
+impl TokenClaims {
+    /// The token generation a local token was issued in. One without `gen` was issued before
+    /// generations were counted (or by a frontend sharing `JWT_SECRET`): generation 0, good
+    /// only while the account's password has never changed.
+    fn generation(&self) -> Option<i64> {
+        match &self.gen {
+            serde_json::Value::Null => Some(0),
+            generation => generation.as_i64(),
+        }
+    }
 }
 
 /// Who a verified token speaks for.
@@ -2349,15 +2374,14 @@ impl TokenAuthority {
         })
     }
 
-    /// A token for `user_id`. Its `iat` is never before the user's `tokens_not_before`, which
-    /// a password change sets to the next second: the token a client fetches right after
-    /// changing its password must outlive the change.
-    fn issue(&self, user_id: &str, tokens_not_before: i64) -> Result<TokenResponse, ApiError> {
-        let iat = Utc::now().timestamp().max(tokens_not_before) as u64;
+    /// A token for `user_id`, good while the account's `token_generation` is `generation`.
+    fn issue(&self, user_id: &str, generation: i64) -> Result<TokenResponse, ApiError> {
+        let iat = Utc::now().timestamp() as u64;
         let claims = Claims {
             sub: user_id.to_string(),
             iat,
             exp: iat + self.ttl.as_secs(),
+            gen: generation,
         };
         let access_token = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(Algorithm::HS256),
@@ -2737,10 +2761,11 @@ struct AppState {
 
 impl AppState {
     /// The user a verified token names. External users are created on first sight and only
-    /// ever reached by their own issuer's tokens; a token issued before the user's last
+    /// ever reached by their own issuer's tokens; a local token issued before the user's last
     /// password change is void.
     async fn user_for(&self, identity: Identity) -> Result<User> {
         let Identity { claims, issuer } = identity;
+        let local = issuer.is_none();
         let found = db!(self.db, read, |conn| async {
             let user_named = users::table.find(&claims.sub).select(User::as_select());
             user_named.first(conn).await.optional()
@@ -2751,10 +2776,9 @@ impl AppState {
             (Some(user), Some(issuer)) => self.vouched_for(user, issuer).await?,
             (None, Some(issuer)) => self.create_external_user(&claims, issuer).await?,
         };
-        // A token without `iat` cannot show it is newer than the last password change.
-        let not_before = user.tokens_not_before;
-        let fresh = not_before == 0 || claims.iat.is_some_and(|iat| iat >= not_before as f64);
-        fresh.then_some(user).ok_or(INVALID_TOKEN)
+        // An external issuer's users have no password here to change, and its tokens no `gen`.
+        let current = !local || claims.generation() == Some(user.token_generation);
+        current.then_some(user).ok_or(INVALID_TOKEN)
     }
 
     /// `user`, if `issuer` created it; 401 for a local account or another issuer's user, so an
@@ -2846,15 +2870,18 @@ impl AppState {
             self.db.give_back_attempt(by_client).await?;
             return Err(refused);
         }
+        // The generation is read with the hash, in one statement: a login that checks the old
+        // password gets the old generation, and its token dies with the change, however late
+        // it is signed.
         let account: Option<(String, Option<String>, i64)> = db!(self.db, read, |conn| async {
-            let columns = (users::id, users::password_hash, users::tokens_not_before);
+            let columns = (users::id, users::password_hash, users::token_generation);
             let by_address = users::table.filter(users::email.eq(&email));
             by_address.select(columns).first(conn).await.optional()
         })?;
         let hash = account.as_ref().and_then(|(_, hash, _)| hash.clone());
         let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
         let verified = self.passwords.verify(password, hash).await? && plausible;
-        let Some((user_id, _, tokens_not_before)) = account.filter(|_| verified) else {
+        let Some((user_id, _, generation)) = account.filter(|_| verified) else {
             // The failure keeps both slots it took.
             return Err(ApiError::Unauthorized("Incorrect email or password"));
         };
@@ -2863,7 +2890,7 @@ impl AppState {
         Ok(HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .insert_header((header::PRAGMA, "no-cache"))
-            .json(self.auth.issue(&user_id, tokens_not_before)?))
+            .json(self.auth.issue(&user_id, generation)?))
     }
 }
 
@@ -3043,14 +3070,18 @@ async fn update_me(
     updated.map(Json).ok_or(INVALID_TOKEN)
 }
 
+const INCORRECT_PASSWORD: ApiError = ApiError::BadRequest("Incorrect password");
+
 /// Change the password.
 ///
 /// Every token issued before the change stops working, this request's included: log in again
 /// with the new password. Wrong `current_password` guesses are limited like failed logins
-/// (429 after 10 in a minute).
+/// (429 after 10 in a minute). Of two changes made at once with the same `current_password`,
+/// one succeeds and the other gets 400, as that password is no longer the current one.
 #[utoipa::path(tag = "users", request_body = PasswordChange, responses(
     (status = 204, description = "Changed; tokens issued before now no longer work"),
-    (status = 400, description = "The current password is wrong", body = ErrorDetail,
+    (status = 400, description = "The current password is wrong (or was just changed by another \
+        request)", body = ErrorDetail,
         example = json!({"detail": "Incorrect password"})),
     Unauthorized, BodyTooLarge, NotJson, Invalid, TooManyAttempts,
 ))]
@@ -3069,21 +3100,34 @@ async fn change_password(
         me.select(users::password_hash).first(conn).await.optional()
     })?
     .ok_or(INVALID_TOKEN)?;
-    let right = state.passwords.verify(body.current_password, current_hash);
+    let right = (state.passwords).verify(body.current_password, current_hash.clone());
     if !right.await? {
-        return Err(ApiError::BadRequest("Incorrect password"));
+        return Err(INCORRECT_PASSWORD);
     }
     state.db.clear_attempts(guesses).await?;
     let new_hash = state.passwords.hash(body.new_password).await?;
-    // Every token issued up to this second stops working; `issue` dates the next ones from
-    // the second after.
-    let tokens_not_before = Utc::now().timestamp() + 1;
+    // Only if the hash is still the one just checked: another change may have committed while
+    // bcrypt ran, and this one must not overwrite it and answer 204 too.
+    let checked = users::table
+        .find(&user.id)
+        .filter(users::password_hash.eq(&current_hash));
+    // The new generation ends every token issued so far, this request's included (see
+    // `Claims::gen`); added in SQL, so changes made at once cannot both write the same value.
     let changes = (
         users::password_hash.eq(&new_hash),
-        users::tokens_not_before.eq(tokens_not_before),
+        users::token_generation.eq(users::token_generation + 1),
     );
-    let me = users::table.find(&user.id);
-    update_returning!(state.db, me, changes, users => User)?.ok_or(INVALID_TOKEN)?;
+    if update_returning!(state.db, checked, changes, users => User)?.is_none() {
+        // Another change came first: the password sent is no longer the current one, as 400
+        // says (the client's remedy is the same as for a wrong one). Or the account is gone.
+        let me = users::table.find(&user.id).count();
+        let still_there = db!(state.db, read, |conn| me.get_result::<i64>(conn))? > 0;
+        return Err(if still_there {
+            INCORRECT_PASSWORD
+        } else {
+            INVALID_TOKEN
+        });
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -1492,6 +1492,175 @@ fn change_password(backend: &Backend) {
     );
 }
 
+/// `PUT /api/users/me/password` with `token`; the status.
+fn put_password(srv: &Server, token: &str, current: &str, new: &str) -> StatusCode {
+    let body = json!({"current_password": current, "new_password": new});
+    send(bearer(srv.put("/api/users/me/password"), token).json(&body)).0
+}
+
+/// Sleeps until just after the next whole second, so that what follows (a few milliseconds at
+/// the harness's BCRYPT_COST=4) happens within one second.
+fn wait_for_a_new_second() {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let into_second = now.unwrap().subsec_millis() as u64;
+    std::thread::sleep(Duration::from_millis(1000 - into_second + 5));
+}
+
+/// Two changes within one second: the tokens issued between them end with the second change,
+/// including the one that made it. (Revocation by the second of `iat` dated them like the
+/// second change and let them live.)
+fn password_changes_within_one_second(backend: &Backend) {
+    let srv = start(backend);
+    let email = "twice@example.com";
+    let (_, token) = srv.user(email);
+    let (second, third) = ("the second passphrase", "the third passphrase");
+    wait_for_a_new_second();
+    assert_eq!(
+        put_password(&srv, &token, PASSWORD, second),
+        StatusCode::NO_CONTENT
+    );
+    let a = srv.login(email, second);
+    let b = srv.login(email, second);
+    assert_eq!(
+        put_password(&srv, &b, second, third),
+        StatusCode::NO_CONTENT
+    );
+    assert_401(&me(&srv, &a), "token A, issued between the two changes");
+    assert_401(&me(&srv, &b), "token B, which made the second change");
+    assert_401(&me(&srv, &token), "the token from before both changes");
+    let c = srv.login(email, third);
+    assert_eq!(me(&srv, &c).0, StatusCode::OK, "a token after the changes");
+}
+
+/// A login that read the old password's hash before a change commits, and signs its token after
+/// it (bcrypt takes a while), gets a token that dies with the change: someone who knows the old
+/// password cannot keep a session by looping logins while the owner changes it.
+///
+/// The race is set up with bcrypt costs. The old password is hashed at a high cost, so checking
+/// it takes seconds; the change runs on a second server (same database) whose own cost is the
+/// harness's 4, so it commits the new password the moment it has checked the old one. A login
+/// started partway through that check reads the old hash before the commit and signs its token
+/// more than a second after it. Timing can miss on a busy machine, so it is tried a few times.
+fn login_racing_a_password_change(backend: &Backend) {
+    let slow = server(backend).env("BCRYPT_COST", "13").start();
+    let srv = server_on(slow.db.clone()).start();
+    for attempt in 0..3 {
+        let email = format!("raced{attempt}@example.com");
+        slow.register(&email, PASSWORD);
+        if race_a_login_against_a_change(&srv, &email) {
+            return;
+        }
+    }
+    panic!("the race was not set up in 3 attempts: the machine is too busy");
+}
+
+/// One attempt of `login_racing_a_password_change`: whether the race was set up (the login
+/// read the old hash and signed its token in a later second than the change answered in).
+fn race_a_login_against_a_change(srv: &Server, email: &str) -> bool {
+    let started = Instant::now();
+    let token = srv.login(email, PASSWORD);
+    let check = started.elapsed().as_secs_f64();
+    assert!(
+        check > 1.5,
+        "checking a cost-13 hash took {check:.2} s; raise the cost"
+    );
+    // The change commits about `check` after it starts; the login must read the hash before
+    // that and sign at least a second after it.
+    let head_start = Duration::from_secs_f64(1.3 + (check - 1.3) / 3.0);
+    let (changed, raced) = std::thread::scope(|s| {
+        let change = s.spawn(|| {
+            let status = put_password(srv, &token, PASSWORD, "the owner's new passphrase");
+            (status, now_secs())
+        });
+        std::thread::sleep(head_start);
+        let raced = login_json(srv, email, PASSWORD);
+        (change.join().unwrap(), raced)
+    });
+    let (status, answered_at) = changed;
+    assert_eq!(status, StatusCode::NO_CONTENT, "the change");
+    assert_401(&me(srv, &token), "the token that made the change");
+    if raced.0 != StatusCode::OK {
+        return false; // the login read the new hash: it started too late
+    }
+    let raced = assert_login_ok(&raced, "a login that read the hash before the change");
+    assert_401(
+        &me(srv, &raced),
+        "the token of a login that checked the old password",
+    );
+    verified_claims(&raced)["iat"].as_i64().unwrap() > answered_at
+}
+
+/// Two changes sent together with the same right `current_password`: one wins (204) and the
+/// other is told the password is no longer the current one (400), so no client believes in a
+/// password that does not work.
+fn simultaneous_password_changes(backend: &Backend) {
+    // At cost 10 each change spends a good 100 ms between reading the hash and writing the
+    // new one, so two requests sent together both check the same current password.
+    let srv = server(backend).env("BCRYPT_COST", "10").start();
+    let email = "racing@example.com";
+    let (_, token) = srv.user(email);
+    let candidates = ["the first new passphrase", "the second new passphrase"];
+    let together = std::sync::Barrier::new(candidates.len());
+    let statuses: Vec<StatusCode> = std::thread::scope(|s| {
+        let changes: Vec<_> = (candidates.iter())
+            .map(|new| {
+                let (srv, token, together) = (&srv, &token, &together);
+                s.spawn(move || {
+                    together.wait();
+                    put_password(srv, token, PASSWORD, new)
+                })
+            })
+            .collect();
+        changes.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let winners: Vec<&str> = (candidates.iter().zip(&statuses))
+        .filter(|(_, status)| **status == StatusCode::NO_CONTENT)
+        .map(|(new, _)| *new)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one change wins: {statuses:?}");
+    assert!(
+        statuses.contains(&StatusCode::BAD_REQUEST),
+        "the other is refused: {statuses:?}"
+    );
+    for new in candidates {
+        let response = login_json(&srv, email, new);
+        if new == winners[0] {
+            assert_login_ok(&response, "the password of the change that won");
+        } else {
+            assert_login_failed(&response, "the password of the change that lost");
+        }
+    }
+    assert_login_failed(&login_json(&srv, email, PASSWORD), "the old password");
+}
+
+/// Upgrading from revocation by time (`tokens_not_before`): tokens issued before, which carry
+/// no `gen`, keep working for an account whose password never changed and are refused for one
+/// whose password did (its holders log in once more).
+fn tokens_from_before_generations(backend: &Backend) {
+    let srv = start(backend);
+    let (kept, _) = srv.user("kept@example.com");
+    let (changed, _) = srv.user("changed@example.com");
+    let now = now_secs();
+    // The schema as the previous version left it, after one password change.
+    srv.execute_sql(&format!(
+        "ALTER TABLE users ADD COLUMN tokens_not_before BIGINT NOT NULL DEFAULT 0; \
+         ALTER TABLE users DROP COLUMN token_generation; \
+         UPDATE users SET tokens_not_before = {} WHERE email = 'changed@example.com'; \
+         DELETE FROM __diesel_schema_migrations WHERE version = '20261204000000';",
+        now - 60
+    ));
+    let db = srv.db.clone();
+    drop(srv);
+    let srv = server_on(db).start();
+    let old_token =
+        |user: &Value| hs256_token(&json!({"sub": user["id"], "iat": now, "exp": now + 600}));
+    let (status, _, body) = me(&srv, &old_token(&kept));
+    assert_eq!(status, StatusCode::OK, "password never changed: {body}");
+    assert_401(&me(&srv, &old_token(&changed)), "password changed before");
+    let token = srv.login("changed@example.com", PASSWORD);
+    assert_eq!(me(&srv, &token).0, StatusCode::OK, "a new login");
+}
+
 fn delete_me(backend: &Backend) {
     let srv = start(backend);
     let (user, token) = srv.user("leaving@example.com");
@@ -1641,6 +1810,10 @@ on_both_backends!(
     me_returns_the_user,
     patch_me,
     change_password,
+    password_changes_within_one_second,
+    login_racing_a_password_change,
+    simultaneous_password_changes,
+    tokens_from_before_generations,
     delete_me,
     logs_never_contain_passwords_or_tokens,
 );

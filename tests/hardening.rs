@@ -279,7 +279,8 @@ fn local_token_rules(backend: &Backend) {
 
 /// `DELETE /api/users/me` racing the same user's creates, profile and password changes: every
 /// request gets an answer from the contract (201/200/204, or 401 once the user is gone; 404 for
-/// a task that went with them), never a 500.
+/// a task that went with them; 400 for a password change that another one beat, as its
+/// `current_password` is no longer the password), never a 500.
 fn requests_racing_account_deletion_never_500(backend: &Backend) {
     let srv = Arc::new(start(backend));
     let mut seen: HashMap<u16, usize> = HashMap::new();
@@ -308,8 +309,11 @@ fn requests_racing_account_deletion_never_500(backend: &Backend) {
                 .collect();
         for handle in handles {
             let (i, status, body) = handle.join().unwrap();
+            let beaten = (4..=6).contains(&i)
+                && status == StatusCode::BAD_REQUEST
+                && body == json!({"detail": "Incorrect password"});
             assert!(
-                [200, 201, 204, 401].contains(&status.as_u16()),
+                [200, 201, 204, 401].contains(&status.as_u16()) || beaten,
                 "round {round}, request {i}: {status} {body}"
             );
             *seen.entry(status.as_u16()).or_default() += 1;
