@@ -866,7 +866,13 @@ impl PrivatePostgres {
             return;
         };
         let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
-        let mut pids = vec![postmaster.to_string()];
+        // The postmaster first: stopped, it forks no new backend (a pool reconnecting in the
+        // background) between the listing of its children below and their signal.
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(postmaster.to_string())
+            .status();
+        let mut pids = Vec::new();
         for entry in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
                 continue;
@@ -879,6 +885,9 @@ impl PrivatePostgres {
             }
         }
         // Best effort: a backend may exit between the listing and the signal.
+        if pids.is_empty() {
+            return;
+        }
         let _ = Command::new("kill")
             .arg(format!("-{signal}"))
             .args(&pids)
