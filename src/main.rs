@@ -348,7 +348,8 @@ extern "SQL" {
 /// Its own type because both directions are on the hot path — a task list reads and writes two
 /// per task — and chrono's general routes are slow there: diesel reads SQLite's text timestamps
 /// with `parse_from_str`, which parses its format string anew for every value (6% of a list
-/// profile), and `format("%Y…")` does the same when writing.
+/// profile), and `format("%Y…")` does the same when writing. Both texts have their digits at
+/// fixed places (`TIME_DIGITS`), so they are read and written by position.
 #[derive(
     Clone, Copy, Debug, PartialEq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow,
 )]
@@ -360,38 +361,49 @@ fn now() -> UtcTime {
     UtcTime(Utc::now().naive_utc().trunc_subsecs(6))
 }
 
-/// How diesel writes a timestamp into SQLite (`%F %T%.f`), as chrono items parsed once.
-const SQLITE_TIMESTAMP: &[chrono::format::Item<'static>] = {
-    use chrono::format::{Fixed, Item, Numeric::*, Pad::Zero};
-    &[
-        Item::Numeric(Year, Zero),
-        Item::Literal("-"),
-        Item::Numeric(Month, Zero),
-        Item::Literal("-"),
-        Item::Numeric(Day, Zero),
-        Item::Literal(" "),
-        Item::Numeric(Hour, Zero),
-        Item::Literal(":"),
-        Item::Numeric(Minute, Zero),
-        Item::Literal(":"),
-        Item::Numeric(Second, Zero),
-        Item::Fixed(Fixed::Nanosecond),
-    ]
-};
+/// Where year, month, day, hour, minute, second and microsecond sit in a timestamp's text, the
+/// way SQLite stores it (`2026-11-28 18:45:34.123456`) and the way it is sent (`…T…Z`).
+const TIME_DIGITS: [std::ops::Range<usize>; 7] =
+    [0..4, 5..7, 8..10, 11..13, 14..16, 17..19, 20..26];
+
+impl UtcTime {
+    /// Reads the text diesel stores in SQLite (`%F %T%.f`: no fraction, or 3 or 6 digits of one).
+    fn from_stored(stored: &[u8]) -> Option<UtcTime> {
+        const SHAPE: &[u8; 26] = b"0000-00-00 00:00:00.000000";
+        if !matches!(stored.len(), 19 | 23 | 26) {
+            return None;
+        }
+        let mut text = *SHAPE; // a shorter fraction is padded with zeros
+        text[..stored.len()].copy_from_slice(stored);
+        let shaped = (text.iter().zip(SHAPE))
+            .all(|(c, shape)| (*shape == b'0' && c.is_ascii_digit()) || c == shape);
+        if !shaped {
+            return None;
+        }
+        let [year, month, day, hour, minute, second, micro] = TIME_DIGITS.map(|digits| {
+            (text[digits].iter()).fold(0, |n, digit| n * 10 + u32::from(digit - b'0'))
+        });
+        let date = chrono::NaiveDate::from_ymd_opt(year as i32, month, day)?;
+        date.and_hms_micro_opt(hour, minute, second, micro)
+            .map(UtcTime)
+    }
+}
 
 impl diesel::deserialize::FromSql<diesel::sql_types::Timestamp, diesel::sqlite::Sqlite>
     for UtcTime
 {
     fn from_sql(
-        value: diesel::sqlite::SqliteValue<'_, '_, '_>,
+        mut value: diesel::sqlite::SqliteValue<'_, '_, '_>,
     ) -> diesel::deserialize::Result<Self> {
-        let text = <String as diesel::deserialize::FromSql<
-            diesel::sql_types::Text,
-            diesel::sqlite::Sqlite,
-        >>::from_sql(value)?;
-        let mut parsed = chrono::format::Parsed::new();
-        chrono::format::parse(&mut parsed, &text, SQLITE_TIMESTAMP.iter())?;
-        Ok(UtcTime(parsed.to_naive_datetime_with_offset(0)?))
+        match UtcTime::from_stored(value.read_text().as_bytes()) {
+            Some(time) => Ok(time),
+            // Written some other way (by hand, by another tool): diesel reads every form.
+            None => diesel::deserialize::FromSql::<
+                diesel::sql_types::Timestamp,
+                diesel::sqlite::Sqlite,
+            >::from_sql(value)
+            .map(UtcTime),
+        }
     }
 }
 
@@ -422,17 +434,18 @@ impl Serialize for UtcTime {
         use chrono::{Datelike, Timelike};
         let mut text = *b"0000-00-00T00:00:00.000000Z";
         let (date, time) = (self.0.date(), self.0.time());
-        for (range, value) in [
-            (0..4, date.year() as u32),
-            (5..7, date.month()),
-            (8..10, date.day()),
-            (11..13, time.hour()),
-            (14..16, time.minute()),
-            (17..19, time.second()),
-            (20..26, time.nanosecond() / 1_000),
-        ] {
+        let values = [
+            date.year() as u32,
+            date.month(),
+            date.day(),
+            time.hour(),
+            time.minute(),
+            time.second(),
+            time.nanosecond() / 1_000,
+        ];
+        for (digits, value) in TIME_DIGITS.into_iter().zip(values) {
             let mut rest = value;
-            for digit in text[range].iter_mut().rev() {
+            for digit in text[digits].iter_mut().rev() {
                 *digit = b'0' + (rest % 10) as u8;
                 rest /= 10;
             }
@@ -3879,20 +3892,18 @@ fn configure_sqlite() {
     // SAFETY: sqlite3_config is documented as callable before sqlite3_initialize, which has not
     // run yet (no connection has been opened); the argument is the int MEMSTATUS expects.
     // sqlite3_auto_extension takes a function with the entry-point signature above.
-    let (memstatus, qpsg) = unsafe {
-        (
+    let results = unsafe {
+        [
+            libsqlite3_sys::sqlite3_config(libsqlite3_sys::SQLITE_CONFIG_MULTITHREAD),
             libsqlite3_sys::sqlite3_config(
                 libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
                 0 as std::ffi::c_int,
             ),
             libsqlite3_sys::sqlite3_auto_extension(Some(enable_qpsg)),
-        )
+        ]
     };
     // Not OK only if SQLite were already initialized: slower, but still correct.
-    debug_assert_eq!(
-        (memstatus, qpsg),
-        (libsqlite3_sys::SQLITE_OK, libsqlite3_sys::SQLITE_OK)
-    );
+    debug_assert_eq!(results, [libsqlite3_sys::SQLITE_OK; 3]);
 }
 
 async fn shutdown_signal() {

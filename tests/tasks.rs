@@ -1393,3 +1393,45 @@ on_both_backends!(
     concurrent_toggles_are_atomic,
     concurrent_creates_all_land,
 );
+
+/// Timestamps in a SQLite database written by something other than this server (a `sqlite3`
+/// shell, an import, the Python original's SQLModel) are read in every form SQLite's date
+/// functions and diesel write, not only in the one this server writes, and sent in the one
+/// shape the contract has.
+#[test]
+fn sqlite_reads_timestamps_written_by_other_tools() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+
+    let srv = start(&Backend::Sqlite);
+    let alice = Api::new(&srv, "alice@example.com");
+    let (status, _, task) = alice.post("/api/me/tasks", &json!({"title": "imported"}));
+    assert_eq!(status, StatusCode::CREATED, "{task}");
+    let path = format!("/api/me/tasks/{}", id_of(&task));
+    let db_path = srv.db.sqlite_path().unwrap();
+    let mut db = diesel::SqliteConnection::establish(db_path.to_str().unwrap()).unwrap();
+    for (stored, sent) in [
+        ("2026-01-02 03:04:05.123456", "2026-01-02T03:04:05.123456Z"),
+        ("2026-01-02 03:04:05.123", "2026-01-02T03:04:05.123000Z"),
+        ("2026-01-02 03:04:05", "2026-01-02T03:04:05.000000Z"),
+        ("2026-01-02 03:04:05.5", "2026-01-02T03:04:05.500000Z"),
+        ("2026-01-02T03:04:05.25", "2026-01-02T03:04:05.250000Z"),
+        ("2026-01-02T03:04:05Z", "2026-01-02T03:04:05.000000Z"),
+        ("2026-01-02 03:04", "2026-01-02T03:04:00.000000Z"),
+        ("1999-12-31 23:59:59.999999", "1999-12-31T23:59:59.999999Z"),
+    ] {
+        db.batch_execute(&format!(
+            "UPDATE tasks SET created_at = '{stored}' WHERE title = 'imported'"
+        ))
+        .unwrap();
+        let (status, _, read) = alice.get(&path);
+        assert_eq!(status, StatusCode::OK, "stored as {stored:?}: {read}");
+        assert_eq!(read["created_at"], json!(sent), "stored as {stored:?}");
+        let (tasks, _) = alice.list(&[]);
+        assert_eq!(
+            tasks[0]["created_at"],
+            json!(sent),
+            "listed, stored as {stored:?}"
+        );
+    }
+}
