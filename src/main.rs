@@ -3863,6 +3863,9 @@ fn reset(socket: std::os::fd::RawFd) {
 
 /// Process-wide SQLite settings, made before the first connection opens.
 ///
+/// - Multi-thread mode: SQLite's own mutex on each connection, taken on every call and every
+///   column read, is dropped. Each connection here is used by one thread at a time (diesel's
+///   `SqliteConnection` is not `Sync`; readers are per thread, the writer behind a mutex).
 /// - Allocation statistics off: SQLite keeps them behind one process-wide mutex, taken on every
 ///   malloc and free; under concurrent readers that lock was the hottest spot in a profile, and
 ///   nothing here reads them.
@@ -3890,7 +3893,7 @@ fn configure_sqlite() {
         }
     }
     // SAFETY: sqlite3_config is documented as callable before sqlite3_initialize, which has not
-    // run yet (no connection has been opened); the argument is the int MEMSTATUS expects.
+    // run yet (no connection has been opened); MULTITHREAD takes no argument, MEMSTATUS an int.
     // sqlite3_auto_extension takes a function with the entry-point signature above.
     let results = unsafe {
         [
