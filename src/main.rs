@@ -1244,10 +1244,7 @@ impl From<diesel::result::Error> for ApiError {
             // The one foreign key is tasks.user_id: the account was deleted while a request of
             // its own was on the way, so its token no longer names anyone.
             Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => INVALID_TOKEN,
-            Error::DatabaseError(
-                DatabaseErrorKind::ClosedConnection | DatabaseErrorKind::UnableToSendCommand,
-                _,
-            ) => ApiError::Unavailable(error.to_string()),
+            _ if connection_lost(&error) => ApiError::Unavailable(error.to_string()),
             // SQLite's lock timeout: the database is overloaded, not broken.
             Error::DatabaseError(_, info) if info.message().contains("database is locked") => {
                 ApiError::Unavailable(error.to_string())
@@ -1765,7 +1762,8 @@ fn finish_inline<T>(
 /// How to reach PostgreSQL. Each thread that uses it builds a pool of its own from these.
 struct PgSettings {
     url: String,
-    /// Connections per thread's pool: `DATABASE_POOL_SIZE` shared out among the workers.
+    /// Connections per thread's pool for writes: `DATABASE_POOL_SIZE` shared out among the
+    /// workers. The pool holds one more, the thread's reader (see `PgDatabase::reader`).
     pool_size: u32,
     timeout: Duration,
 }
@@ -1792,7 +1790,7 @@ impl PgSettings {
         let manager = AsyncDieselConnectionManager::new_with_config(&self.url, manager_config);
         let connect_failures = ConnectFailures::default();
         let pool = bb8::Pool::builder()
-            .max_size(self.pool_size)
+            .max_size(self.pool_size + 1)
             // A connection kept open, so a burst does not start from nothing.
             .min_idle(Some(1))
             .connection_timeout(timeout)
@@ -1808,6 +1806,7 @@ impl PgSettings {
             pool,
             timeout,
             connect_failures,
+            reader: Default::default(),
         }
     }
 }
@@ -1819,6 +1818,8 @@ struct PgDatabase {
     /// Bounds each use of the database: waiting for a connection, then the statement.
     timeout: Duration,
     connect_failures: ConnectFailures,
+    /// The connection every read on this thread goes through (see `PgDatabase::reader`).
+    reader: std::cell::RefCell<Option<std::rc::Rc<PgConnection>>>,
 }
 
 /// Where bb8 reports failed connection attempts. bb8 leaves a request waiting for a pooled
@@ -1841,11 +1842,11 @@ impl bb8::ErrorSink<PoolError> for ConnectFailures {
     }
 }
 
-type PgConnection<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
+type PgConnection = bb8::PooledConnection<'static, AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 impl PgDatabase {
     /// A live pooled connection, or 503 as soon as the server is known to refuse connections.
-    async fn connection(&self) -> Result<PgConnection<'_>, ApiError> {
+    async fn connection(&self) -> Result<PgConnection, ApiError> {
         use diesel_async::pooled_connection::PoolableConnection;
         // Connections the server closed (a restart, say) are still idle in the pool: skip them
         // rather than fail a request on each. Dropping one tells bb8 it is broken.
@@ -1863,8 +1864,8 @@ impl PgDatabase {
     /// Waits for a pooled connection. A failed connection attempt ends the wait only when the
     /// pool has no connection left that could come back: while others are merely busy, a
     /// transient failure (a slow handshake on a loaded machine) must not fail every waiter.
-    async fn checkout(&self) -> Result<PgConnection<'_>, ApiError> {
-        let mut checkout = std::pin::pin!(self.pool.get());
+    async fn checkout(&self) -> Result<PgConnection, ApiError> {
+        let mut checkout = std::pin::pin!(self.pool.get_owned());
         loop {
             let failed = std::pin::pin!(self.connect_failures.happened.notified());
             match futures_util::future::select(checkout.as_mut(), failed).await {
@@ -1881,17 +1882,60 @@ impl PgDatabase {
             }
         }
     }
+
+    /// The connection this thread's reads share, taken from the pool on first use.
+    ///
+    /// A pooled connection serves one request at a time: a request sends its statement, then
+    /// the connection waits a round trip for the answer while other requests wait for it.
+    /// diesel-async's connection also runs statements through a shared reference, and then
+    /// *pipelines* them: the statements of every request in flight on this thread go out
+    /// together, in one write, and their answers come back together. Reads are single
+    /// statements outside any transaction, so they can share it; writes keep the pool, where
+    /// each has a connection (and a PostgreSQL backend) of its own and their commits can wait
+    /// for the disk at the same time.
+    async fn reader(&self) -> Result<std::rc::Rc<PgConnection>, ApiError> {
+        if let Some(reader) = self.reader.borrow().clone() {
+            return Ok(reader);
+        }
+        let reader = std::rc::Rc::new(self.connection().await?);
+        *self.reader.borrow_mut() = Some(reader.clone());
+        Ok(reader)
+    }
+
+    /// Stops sharing `reader`, which the server closed: the next read takes a new one. Once the
+    /// requests still holding it let go, it goes back to the pool, which drops it; until then
+    /// the pool counts it, so this request lets go of it first.
+    fn forget_reader(&self, reader: std::rc::Rc<PgConnection>) {
+        let mut shared = self.reader.borrow_mut();
+        if shared
+            .as_ref()
+            .is_some_and(|r| std::rc::Rc::ptr_eq(r, &reader))
+        {
+            *shared = None;
+        }
+    }
 }
 
-/// Runs `$query` (a future yielding `QueryResult<T>`) with `$conn` bound to a pooled connection,
-/// giving `Result<T, ApiError>`.
+/// Whether a statement failed because its connection is gone (the server restarted, or closed
+/// it), not because of the statement.
+fn connection_lost(error: &diesel::result::Error) -> bool {
+    use diesel::result::{DatabaseErrorKind::*, Error::DatabaseError};
+    matches!(
+        error,
+        DatabaseError(ClosedConnection | UnableToSendCommand, _)
+    )
+}
+
+/// Runs `$query` (a future yielding `QueryResult<T>`) with `$conn` bound to a connection, giving
+/// `Result<T, ApiError>`.
 ///
 /// The body is expanded once per backend, the way vaultwarden's `db_run!` does it: each query is
 /// written once and compiled, type-checked, against both SQLite and PostgreSQL. `read` or
-/// `write` picks SQLite's writer. SQLite statements finish within one poll (`now_or_never`:
-/// the block may await only its statements); on PostgreSQL, waiting for a connection and the
-/// statements together are bounded by `DATABASE_TIMEOUT`, so a frozen server costs a request
-/// seconds, not forever.
+/// `write` picks SQLite's writer, and on PostgreSQL whether the statements share this thread's
+/// reader or take a pooled connection of their own (`pg_run!`). SQLite statements finish within
+/// one poll (`now_or_never`: the block may await only its statements); on PostgreSQL, waiting
+/// for a connection and the statements together are bounded by `DATABASE_TIMEOUT`, so a frozen
+/// server costs a request seconds, not forever.
 macro_rules! db {
     ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
         match &$database {
@@ -1902,11 +1946,7 @@ macro_rules! db {
             Database::Postgres(settings) => {
                 use diesel_async::RunQueryDsl as _;
                 let pg = settings.pool_here();
-                let answer = async {
-                    let mut pooled = pg.connection().await?;
-                    let $conn = &mut *pooled;
-                    $query.await.map_err(ApiError::from)
-                };
+                let answer = pg_run!(pg, $role, |$conn| $query);
                 actix_web::rt::time::timeout(pg.timeout, answer)
                     .await
                     .unwrap_or_else(|_| {
@@ -1915,6 +1955,34 @@ macro_rules! db {
                         ))
                     })
             }
+        }
+    };
+}
+
+/// `db!`'s PostgreSQL side: a read on this thread's shared reader, run again on a new one if
+/// the server had closed it (a read changes nothing, so running it twice is safe); a write on a
+/// pooled connection of its own.
+macro_rules! pg_run {
+    ($pg:expr, read, |$conn:ident| $query:expr) => {
+        async {
+            let (mut reader, mut again) = ($pg.reader().await?, true);
+            loop {
+                let $conn = &mut &**reader;
+                match $query.await {
+                    Err(e) if again && connection_lost(&e) => {
+                        $pg.forget_reader(reader);
+                        (reader, again) = ($pg.reader().await?, false);
+                    }
+                    answer => break answer.map_err(ApiError::from),
+                }
+            }
+        }
+    };
+    ($pg:expr, write, |$conn:ident| $query:expr) => {
+        async {
+            let mut pooled = $pg.connection().await?;
+            let $conn = &mut *pooled;
+            $query.await.map_err(ApiError::from)
         }
     };
 }

@@ -1023,6 +1023,49 @@ fn postgres_health_follows_database_outage() {
     assert_no_panic(&srv);
 }
 
+/// Reads on PostgreSQL share one connection per worker thread. When the server closes it (a
+/// restart, a failover, an administrator ending sessions), the next reads are answered at once
+/// on a new connection: not a 503, and not a broken connection kept for good.
+#[test]
+fn postgres_reads_outlive_their_connection() {
+    let Some(Backend::Postgres(admin_url)) = Backend::postgres() else {
+        return;
+    };
+    let srv = start(&Backend::Postgres(admin_url.clone()));
+    let (_, token) = srv.user("reconnect@example.com");
+    create_task(&srv, &token, "read again");
+    let name = srv.db.url.rsplit('/').next().unwrap();
+    let name = name.split('?').next().unwrap().to_string();
+    let mut admin = ::postgres::Client::connect(&admin_url, ::postgres::NoTls).unwrap();
+    // A new connection for each request, so both worker threads (and their readers) are asked.
+    let fresh = Client::builder().pool_max_idle_per_host(0).build().unwrap();
+    let me_status =
+        |srv: &Server, token: &str| send(fresh.get(srv.url("/api/users/me")).bearer_auth(token)).0;
+    for round in 0..3 {
+        for _ in 0..8 {
+            assert_eq!(me_status(&srv, &token), StatusCode::OK, "round {round}");
+        }
+        let ended = admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&name],
+            )
+            .unwrap();
+        assert!(ended > 0, "round {round}: the server held no connection");
+        thread::sleep(Duration::from_millis(300)); // the server's side sees them closed
+        for _ in 0..8 {
+            assert_eq!(
+                me_status(&srv, &token),
+                StatusCode::OK,
+                "round {round}: a read after the server closed its connections"
+            );
+            assert_eq!(list_titles(&srv, &token), vec!["read again".to_string()]);
+        }
+    }
+    assert_no_panic(&srv);
+}
+
 /// Requests during an outage get their 503 quickly with the default settings: at once when the
 /// server refuses connections, within about 3 s when it is frozen (SIGSTOP: connections open,
 /// nothing answers); after either, the same server process recovers within 5 s.
