@@ -2000,15 +2000,50 @@ macro_rules! pg_run {
 macro_rules! update_returning {
     ($database:expr, $row:expr, $changes:expr, $table:ident => $Row:ty) => {
         db!($database, write, |conn| async {
-            diesel::update($row)
+            let update = diesel::update($row)
                 .set(($changes, $table::updated_at.eq(now())))
-                .returning(<$Row>::as_returning())
+                .returning(<$Row>::as_returning());
+            KeepPrepared(update)
                 .get_result::<$Row>(conn)
                 .await
                 .optional()
         })
     };
 }
+
+/// A statement diesel keeps prepared, although it is of a kind (an UPDATE, an upsert) that
+/// diesel prepares anew every time it runs: parsed and planned again, and on PostgreSQL one
+/// more round trip to prepare it. diesel does that because a changeset with optional fields
+/// gives one statement type many texts; it then cannot find the prepared statement by type.
+/// This one is found by its text (`HAS_STATIC_QUERY_ID = false`), so each text is prepared once
+/// per connection: a toggle, the same text every time, once; a PATCH, once per set of fields.
+///
+/// `is_safe_to_cache_prepared` is the hook diesel gives query types for this; diesel's docs
+/// show it only to backend authors, so a diesel upgrade that changes it fails to compile here.
+struct KeepPrepared<Q>(Q);
+
+impl<Q: diesel::query_builder::QueryFragment<DB>, DB: diesel::backend::Backend>
+    diesel::query_builder::QueryFragment<DB> for KeepPrepared<Q>
+{
+    fn walk_ast<'b>(&'b self, pass: diesel::query_builder::AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        self.0.walk_ast(pass)
+    }
+
+    fn is_safe_to_cache_prepared(&self, _: &DB) -> QueryResult<bool> {
+        Ok(true)
+    }
+}
+
+impl<Q> diesel::query_builder::QueryId for KeepPrepared<Q> {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl<Q: diesel::query_builder::Query> diesel::query_builder::Query for KeepPrepared<Q> {
+    type SqlType = Q::SqlType;
+}
+
+impl<Q, C> diesel::RunQueryDsl<C> for KeepPrepared<Q> {}
 
 impl Database {
     /// Opens the pools and brings the schema up to date; runs before the server listens.
@@ -2777,7 +2812,7 @@ impl Database {
         let window_ms = THROTTLE_WINDOW.as_millis() as i64;
         let window_over = window_started_ms.le(now_ms - window_ms);
         let (taken, started_ms): (i32, i64) = db!(self, write, |conn| {
-            diesel::insert_into(login_throttle::table)
+            let upsert = diesel::insert_into(login_throttle::table)
                 .values((
                     login_throttle::bucket.eq(bucket.key()),
                     window_started_ms.eq(now_ms),
@@ -2791,8 +2826,8 @@ impl Database {
                         .eq(case_when::<_, _, BigInt>(window_over, now_ms)
                             .otherwise(window_started_ms)),
                 ))
-                .returning((attempts, window_started_ms))
-                .get_result(conn)
+                .returning((attempts, window_started_ms));
+            KeepPrepared(upsert).get_result(conn)
         })?;
         if taken <= bucket.limit() {
             return Ok(());
