@@ -1770,7 +1770,8 @@ fn finish_inline<T>(
 struct PgSettings {
     url: String,
     /// Connections per thread's pool for writes: `DATABASE_POOL_SIZE` shared out among the
-    /// workers. The pool holds one more, the thread's reader (see `PgDatabase::reader`).
+    /// workers. The pool holds `PG_READERS` more, the thread's readers (see
+    /// `PgDatabase::reader`).
     pool_size: u32,
     timeout: Duration,
 }
@@ -1797,7 +1798,7 @@ impl PgSettings {
         let manager = AsyncDieselConnectionManager::new_with_config(&self.url, manager_config);
         let connect_failures = ConnectFailures::default();
         let pool = bb8::Pool::builder()
-            .max_size(self.pool_size + 1)
+            .max_size(self.pool_size + PG_READERS as u32)
             // A connection kept open, so a burst does not start from nothing.
             .min_idle(Some(1))
             .connection_timeout(timeout)
@@ -1813,7 +1814,8 @@ impl PgSettings {
             pool,
             timeout,
             connect_failures,
-            reader: Default::default(),
+            readers: Default::default(),
+            next_reader: Default::default(),
         }
     }
 }
@@ -1825,8 +1827,9 @@ struct PgDatabase {
     /// Bounds each use of the database: waiting for a connection, then the statement.
     timeout: Duration,
     connect_failures: ConnectFailures,
-    /// The connection every read on this thread goes through (see `PgDatabase::reader`).
-    reader: std::cell::RefCell<Option<std::rc::Rc<PgConnection>>>,
+    /// The connections this thread's reads go through, in turn (see `PgDatabase::reader`).
+    readers: std::cell::RefCell<Vec<std::rc::Rc<PgConnection>>>,
+    next_reader: std::cell::Cell<usize>,
 }
 
 /// Where bb8 reports failed connection attempts. bb8 leaves a request waiting for a pooled
@@ -1890,7 +1893,8 @@ impl PgDatabase {
         }
     }
 
-    /// The connection this thread's reads share, taken from the pool on first use.
+    /// One of the `PG_READERS` connections this thread's reads share, in turn; each taken from
+    /// the pool on first use.
     ///
     /// A pooled connection serves one request at a time: a request sends its statement, then
     /// the connection waits a round trip for the answer while other requests wait for it.
@@ -1900,28 +1904,37 @@ impl PgDatabase {
     /// statements outside any transaction, so they can share it; writes keep the pool, where
     /// each has a connection (and a PostgreSQL backend) of its own and their commits can wait
     /// for the disk at the same time.
+    ///
+    /// PostgreSQL answers one connection's statements one after another, in one backend
+    /// process: all reads behind one backend would stall whenever the scheduler runs something
+    /// else on its core. Two readers per thread keep that from stopping every read at once.
     async fn reader(&self) -> Result<std::rc::Rc<PgConnection>, ApiError> {
-        if let Some(reader) = self.reader.borrow().clone() {
+        let turn = self.next_reader.get().wrapping_add(1);
+        self.next_reader.set(turn);
+        if let Some(reader) = self.readers.borrow().get(turn % PG_READERS).cloned() {
             return Ok(reader);
         }
         let reader = std::rc::Rc::new(self.connection().await?);
-        *self.reader.borrow_mut() = Some(reader.clone());
+        let mut readers = self.readers.borrow_mut();
+        if readers.len() < PG_READERS {
+            readers.push(reader.clone());
+        }
         Ok(reader)
     }
 
-    /// Stops sharing `reader`, which the server closed: the next read takes a new one. Once the
-    /// requests still holding it let go, it goes back to the pool, which drops it; until then
-    /// the pool counts it, so this request lets go of it first.
-    fn forget_reader(&self, reader: std::rc::Rc<PgConnection>) {
-        let mut shared = self.reader.borrow_mut();
-        if shared
-            .as_ref()
-            .is_some_and(|r| std::rc::Rc::ptr_eq(r, &reader))
-        {
-            *shared = None;
-        }
+    /// Stops sharing this thread's readers after the server closed `failed`: when it closes
+    /// one it has usually closed them all (a restart), so the next read takes a new one rather
+    /// than try the others. Once the requests still holding them let go, they go back to the
+    /// pool, which keeps the live ones and drops the dead; until then the pool counts them, so
+    /// this request lets go of `failed` first.
+    fn forget_readers(&self, failed: std::rc::Rc<PgConnection>) {
+        drop(failed);
+        self.readers.borrow_mut().clear();
     }
 }
+
+/// Read connections per worker thread (see `PgDatabase::reader`).
+const PG_READERS: usize = 2;
 
 /// Whether a statement failed because its connection is gone (the server restarted, or closed
 /// it), not because of the statement.
@@ -1977,7 +1990,7 @@ macro_rules! pg_run {
                 let $conn = &mut &**reader;
                 match $query.await {
                     Err(e) if again && connection_lost(&e) => {
-                        $pg.forget_reader(reader);
+                        $pg.forget_readers(reader);
                         (reader, again) = ($pg.reader().await?, false);
                     }
                     answer => break answer.map_err(ApiError::from),
