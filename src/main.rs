@@ -1952,7 +1952,7 @@ fn connection_lost(error: &diesel::result::Error) -> bool {
 /// The body is expanded once per backend, the way vaultwarden's `db_run!` does it: each query is
 /// written once and compiled, type-checked, against both SQLite and PostgreSQL. `read` or
 /// `write` picks SQLite's writer, and on PostgreSQL whether the statements share this thread's
-/// reader or take a pooled connection of their own (`pg_run!`). SQLite statements finish within
+/// readers or take a pooled connection of their own (`pg_run!`). SQLite statements finish within
 /// one poll (`now_or_never`: the block may await only its statements); on PostgreSQL, waiting
 /// for a connection and the statements together are bounded by `DATABASE_TIMEOUT`, so a frozen
 /// server costs a request seconds, not forever.
@@ -1979,9 +1979,9 @@ macro_rules! db {
     };
 }
 
-/// `db!`'s PostgreSQL side: a read on this thread's shared reader, run again on a new one if
-/// the server had closed it (a read changes nothing, so running it twice is safe); a write on a
-/// pooled connection of its own.
+/// `db!`'s PostgreSQL side: a read on one of this thread's shared readers, run again on a new
+/// one if the server had closed it (a read changes nothing, so running it twice is safe); a
+/// write on a pooled connection of its own.
 macro_rules! pg_run {
     ($pg:expr, read, |$conn:ident| $query:expr) => {
         async {
