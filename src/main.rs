@@ -2718,6 +2718,13 @@ impl JwkSetCache {
     }
 }
 
+/// nginx's 499, for a request whose client hung up before its answer was ready: nobody reads it,
+/// but the access log shows what happened.
+fn client_closed_request() -> ApiError {
+    let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
+    ApiError::Status(status, "Client closed the request".into())
+}
+
 /// bcrypt, kept off the async workers, limited to one hash per core at a time and run at a low
 /// CPU priority, so a burst of logins queues and slows logins instead of everything else.
 struct PasswordHasher {
@@ -2741,9 +2748,20 @@ impl PasswordHasher {
 
     /// Runs `work` on the blocking pool once a permit is free, at `nice` 10: when the CPU is
     /// busy, requests that do not hash (and PostgreSQL, when it shares the machine) go first.
-    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    ///
+    /// Not if the client of `req` hung up while it waited: actix does not cancel a handler
+    /// whose client left, so a burst of abandoned logins would otherwise keep every core
+    /// hashing for clients long gone, and the queue would outgrow the cap on connections.
+    async fn run<T: Send + 'static>(
+        &self,
+        req: &HttpRequest,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T> {
         let permit = self.permits.acquire().await;
         let _permit = permit.map_err(|e| ApiError::Internal(e.to_string()))?;
+        if ClientConnection::of(req).is_some_and(ClientConnection::closed) {
+            return Err(client_closed_request());
+        }
         let background = move || {
             // SAFETY: setpriority on this thread's own id changes only its nice value, which
             // any thread may raise; it touches no memory.
@@ -2753,19 +2771,26 @@ impl PasswordHasher {
         Ok(web::block(background).await?)
     }
 
-    async fn hash(&self, password: String) -> Result<String> {
+    async fn hash(&self, req: &HttpRequest, password: String) -> Result<String> {
         let cost = self.cost;
-        let hashed = self.run(move || bcrypt::hash(password, cost)).await?;
+        let hashed = self.run(req, move || bcrypt::hash(password, cost)).await?;
         hashed.map_err(|e| ApiError::Internal(format!("bcrypt: {e}")))
     }
 
     /// Whether `password` matches `hash`; with no hash (unknown user, or one who signs in
     /// elsewhere) it checks against the dummy and answers false, in the same time.
-    async fn verify(&self, password: String, hash: Option<String>) -> Result<bool> {
+    async fn verify(
+        &self,
+        req: &HttpRequest,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool> {
         let usable = hash.is_some() && password.len() <= PASSWORD_MAX_BYTES;
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         // Always run, even when `usable` already says no: the time must not tell.
-        let matches = self.run(move || bcrypt::verify(password, &hash).unwrap_or(false));
+        let matches = self.run(req, move || {
+            bcrypt::verify(password, &hash).unwrap_or(false)
+        });
         let matches = matches.await?;
         Ok(usable && matches)
     }
@@ -2997,9 +3022,15 @@ impl AppState {
     }
 
     /// The OAuth2 password check behind `/token` and `/api/auth/login`.
-    async fn login(&self, email: &str, password: String, client: IpAddr) -> Result<HttpResponse> {
+    async fn login(
+        &self,
+        req: &HttpRequest,
+        email: &str,
+        password: String,
+    ) -> Result<HttpResponse> {
         let email = normalize_email(email);
-        let (by_client, by_email) = (Bucket::Client(client), Bucket::Email(&email));
+        let by_client = Bucket::Client(self.client_ip(req));
+        let by_email = Bucket::Email(&email);
         // The client's slot first: a client out of attempts does not get to spend the email's.
         self.db.take_attempt(by_client).await?;
         if let Err(refused) = self.db.take_attempt(by_email).await {
@@ -3016,7 +3047,7 @@ impl AppState {
         })?;
         let hash = account.as_ref().and_then(|(_, hash, _)| hash.clone());
         let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
-        let verified = self.passwords.verify(password, hash).await? && plausible;
+        let verified = self.passwords.verify(req, password, hash).await? && plausible;
         let Some((user_id, _, generation)) = account.filter(|_| verified) else {
             // The failure keeps both slots it took.
             return Err(ApiError::Unauthorized("Incorrect email or password"));
@@ -3129,9 +3160,9 @@ async fn health(state: State) -> HttpResponse {
     EmailTaken, BodyTooLarge, NotJson, Invalid,
 ))]
 #[post("/api/auth/register")]
-async fn register(state: State, body: JsonBody) -> Result<HttpResponse> {
+async fn register(state: State, req: HttpRequest, body: JsonBody) -> Result<HttpResponse> {
     let body: RegisterRequest = body.parse()?;
-    let password_hash = state.passwords.hash(body.password).await?;
+    let password_hash = state.passwords.hash(&req, body.password).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let name = body.name.as_deref();
     let new_user = NewUser::now(&id, &body.email, name, Some(&password_hash), None);
@@ -3160,8 +3191,7 @@ async fn oauth2_token(
     req: HttpRequest,
     Form(form): Form<TokenForm>,
 ) -> Result<HttpResponse> {
-    let client = state.client_ip(&req);
-    state.login(&form.username, form.password, client).await
+    state.login(&req, &form.username, form.password).await
 }
 
 /// Log in with JSON; the same as `/token`.
@@ -3172,8 +3202,7 @@ async fn oauth2_token(
 #[post("/api/auth/login")]
 async fn login(state: State, req: HttpRequest, body: JsonBody) -> Result<HttpResponse> {
     let body: LoginRequest = body.parse()?;
-    let client = state.client_ip(&req);
-    state.login(&body.email, body.password, client).await
+    state.login(&req, &body.email, body.password).await
 }
 
 // ----- [users] -----------------------------------------------------------------------------------
@@ -3225,6 +3254,7 @@ const INCORRECT_PASSWORD: ApiError = ApiError::BadRequest("Incorrect password");
 async fn change_password(
     state: State,
     CurrentUser(user): CurrentUser,
+    req: HttpRequest,
     body: JsonBody,
 ) -> Result<HttpResponse> {
     let body: PasswordChange = body.parse()?;
@@ -3236,12 +3266,12 @@ async fn change_password(
         me.select(users::password_hash).first(conn).await.optional()
     })?
     .ok_or(INVALID_TOKEN)?;
-    let right = (state.passwords).verify(body.current_password, current_hash.clone());
+    let right = (state.passwords).verify(&req, body.current_password, current_hash.clone());
     if !right.await? {
         return Err(INCORRECT_PASSWORD);
     }
     state.db.clear_attempts(guesses).await?;
-    let new_hash = state.passwords.hash(body.new_password).await?;
+    let new_hash = state.passwords.hash(&req, body.new_password).await?;
     // Only if the hash is still the one just checked: another change may have committed while
     // bcrypt ran, and this one must not overwrite it and answer 204 too.
     let checked = users::table
@@ -3860,6 +3890,29 @@ struct ClientConnection {
     response_timeout: Duration,
 }
 
+impl ClientConnection {
+    fn of(req: &HttpRequest) -> Option<ClientConnection> {
+        req.conn_data::<ClientConnection>().copied()
+    }
+
+    /// Whether the client has hung up: a read that does not wait finds the end of the stream,
+    /// or a reset. `MSG_PEEK` leaves any bytes there (a pipelined request) to actix. This is
+    /// nginx's test for a client that closed its request (its status 499): one that only shut
+    /// down its sending side counts as gone too.
+    fn closed(self) -> bool {
+        let mut byte = 0u8;
+        let (buffer, flags) = (
+            (&mut byte as *mut u8).cast(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        );
+        // SAFETY: a handler runs only while actix holds its connection's socket open (it drops
+        // the handler before it closes the socket); recv writes at most one byte to `byte`.
+        let read = unsafe { libc::recv(self.socket, buffer, 1, flags) };
+        let error = std::io::Error::last_os_error().raw_os_error();
+        read == 0 || (read < 0 && !matches!(error, Some(libc::EAGAIN | libc::EINTR)))
+    }
+}
+
 /// `HttpServer::on_connect`: notes the socket of each plain TCP connection.
 fn note_connection(
     io: &dyn std::any::Any,
@@ -3887,7 +3940,7 @@ async fn watch_response<B: MessageBody + 'static>(
         BodySize::Sized(size) => size <= RESPONSE_CHUNK as u64,
         BodySize::Stream => false,
     };
-    let connection = res.request().conn_data::<ClientConnection>().copied();
+    let connection = ClientConnection::of(res.request());
     match connection {
         Some(connection) if !small => {
             let peer = res.request().peer_addr();

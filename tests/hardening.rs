@@ -722,6 +722,52 @@ fn password_hashing_runs_below_request_priority() {
     );
 }
 
+/// Requests that wait for bcrypt and whose clients hang up meanwhile are not hashed: actix does
+/// not cancel a handler whose client left, so a burst of abandoned logins or registrations
+/// would otherwise keep every core busy long after its clients were gone (and register
+/// accounts nobody was told about).
+#[test]
+fn abandoned_requests_are_not_hashed() {
+    // Cost 10: a few tens of milliseconds a hash, so the burst queues behind the two permits.
+    let srv = server(&Backend::Sqlite).env("BCRYPT_COST", "10").start();
+    let abandoned = 24;
+    let emails: Vec<String> = (0..abandoned)
+        .map(|i| format!("gone-{i}@example.com"))
+        .collect();
+    for email in &emails {
+        let body = json!({"email": email, "password": "correct horse battery"}).to_string();
+        let request = format!(
+            "POST /api/auth/register HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        // Hang up at once, as a client that gave up does.
+    }
+    // Permits are handed out in order, so once this registration is answered every request
+    // sent before it has been hashed or passed over.
+    let started = Instant::now();
+    srv.register("stayed@example.com", "correct horse battery");
+    let waited = started.elapsed();
+    let created: Vec<&String> = emails
+        .iter()
+        .filter(|email| {
+            let again = srv.post("/api/auth/register").json(&json!({
+                "email": email, "password": "correct horse battery"
+            }));
+            send(again).0 == StatusCode::CONFLICT
+        })
+        .collect();
+    // The first few may have taken a permit before their hang-up arrived.
+    assert!(
+        created.len() <= 4,
+        "{} of {abandoned} abandoned registrations were hashed and stored \
+         (the client that stayed waited {waited:?}): {created:?}",
+        created.len()
+    );
+}
+
 on_both_backends!(
     throttle_holds_under_a_concurrent_burst,
     throttle_is_shared_by_instances_on_one_database,
