@@ -1535,8 +1535,7 @@ enum Database {
 ///
 /// Its statements take microseconds and never wait on a network, so its connections are not
 /// pooled: each worker thread reads through a connection of its own (WAL lets readers run beside
-/// the writer, and no lock is shared between threads), and all writes go through the single
-/// writer connection. One writer means writes queue in memory instead of spinning on SQLite's
+/// the writer; see `SqliteReader`), and all writes go through the single writer connection. One writer means writes queue in memory instead of spinning on SQLite's
 /// file lock; tokio's mutex hands it over in arrival order (bb8's pool let newcomers overtake a
 /// waiting write: p99 75 ms at 64 connections).
 ///
@@ -1551,7 +1550,7 @@ struct SqliteDatabase {
 
 thread_local! {
     /// This worker thread's reader connection, opened on first use.
-    static SQLITE_READER: std::cell::RefCell<Option<SqliteConnection>> =
+    static SQLITE_READER: std::cell::RefCell<Option<SqliteReader>> =
         const { std::cell::RefCell::new(None) };
     /// The batch this worker thread's next write joins, while one is waiting for the writer or
     /// open.
@@ -1572,11 +1571,14 @@ impl SqliteDatabase {
         SQLITE_READER.with_borrow_mut(|reader| {
             let reader = match reader {
                 Some(reader) => reader,
-                None => reader.insert(
-                    open_sqlite(&self.path).map_err(|e| ApiError::Unavailable(e.to_string()))?,
-                ),
+                None => reader.insert(SqliteReader::open(&self.path)?),
             };
-            finish_inline(reader, statements)
+            reader.begin_snapshot()?;
+            let result = finish_inline(&mut reader.conn, statements);
+            if result.is_err() {
+                reader.end_snapshot();
+            }
+            result
         })
     }
 
@@ -1601,6 +1603,101 @@ impl SqliteDatabase {
                 }
             }
         }
+    }
+}
+
+/// A worker thread's reader connection, and the read transaction (snapshot) it reads in.
+///
+/// Reads made on one thread during one turn of its event loop share one read transaction, as
+/// writes share a batch. Begun and ended for every statement on its own, a read transaction
+/// cost a fifth of a task list: SQLite takes and drops a lock on the WAL's shared memory each
+/// time, which is a `fcntl` system call, under a mutex the threads' readers share and wait
+/// for each other on. A snapshot is ended a turn after it began, by a task of its own; and it
+/// is used only while nothing has been committed since it began, by this process or another
+/// (see `WalIndex`), so a read always sees every write acknowledged before it, as with a
+/// transaction of its own.
+struct SqliteReader {
+    conn: SqliteConnection,
+    /// The database's WAL index; without it (not in WAL mode) each statement reads on its own.
+    wal: Option<WalIndex>,
+    /// The WAL index's header when the open read transaction began; `None` when none is open.
+    snapshot: Option<WalHeader>,
+}
+
+impl SqliteReader {
+    fn open(path: &str) -> Result<SqliteReader> {
+        let conn = open_sqlite(path).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        let wal = WalIndex::open(path);
+        Ok(SqliteReader {
+            conn,
+            wal,
+            snapshot: None,
+        })
+    }
+
+    /// Makes sure a read transaction is open that began after the last commit, if any is.
+    fn begin_snapshot(&mut self) -> Result<()> {
+        let Some(wal) = &self.wal else {
+            return Ok(());
+        };
+        let header = wal.header();
+        match self.snapshot {
+            Some(began) if began == header => return Ok(()),
+            Some(_) => self.end_snapshot(),
+            // The first snapshot of a turn: a task ends it in the next one.
+            None => drop(actix_web::rt::spawn(async {
+                actix_web::rt::task::yield_now().await;
+                SQLITE_READER.with_borrow_mut(|reader| reader.as_mut().map(Self::end_snapshot));
+            })),
+        }
+        // DEFERRED: SQLite takes the snapshot at the first statement, after `header` was read,
+        // so a commit in between only makes the next read start another.
+        sql(&mut self.conn, "BEGIN DEFERRED")?;
+        self.snapshot = Some(header);
+        Ok(())
+    }
+
+    fn end_snapshot(&mut self) {
+        if self.snapshot.take().is_some() && sql(&mut self.conn, "COMMIT").is_err() {
+            rollback(&mut self.conn);
+        }
+    }
+}
+
+/// The header of a WAL database's index, as SQLite keeps it in shared memory: the start of
+/// the `-shm` file, mapped read-only. SQLite rewrites it on every commit, from any process
+/// (its `iChange` counter, the log's last frame `mxFrame`, and a new salt when the log starts
+/// over); it is laid out as SQLite's "WAL-mode file format" page describes. Read without a
+/// system call, it tells whether a snapshot is still current.
+struct WalIndex(memmap2::Mmap);
+
+/// The header's first copy: 48 bytes, compared whole.
+type WalHeader = [u64; 6];
+
+impl WalIndex {
+    /// Not found (not in WAL mode, or not a file) is `None`.
+    fn open(database: &str) -> Option<WalIndex> {
+        // Next to the database file itself: SQLite follows symbolic links to it.
+        let mut shm = std::fs::canonicalize(database).ok()?.into_os_string();
+        shm.push("-shm");
+        let file = std::fs::File::open(shm).ok()?;
+        // SAFETY: SQLite changes this file's contents under the mapping, so it is only ever
+        // read with volatile loads (`header`), never through a reference; it never shrinks
+        // while a connection (this thread's reader) has the database open.
+        let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+        let index = (map.len() >= std::mem::size_of::<WalHeader>()).then_some(WalIndex(map))?;
+        // The header starts with its format's version, 3007000, in the machine's byte order.
+        let start = index.header()[0].to_ne_bytes();
+        let version = u32::from_ne_bytes([start[0], start[1], start[2], start[3]]);
+        (version == 3_007_000).then_some(index)
+    }
+
+    fn header(&self) -> WalHeader {
+        let words = self.0.as_ptr().cast::<u64>();
+        // SAFETY: the mapping is page-aligned and at least 48 bytes long (`open`). A read torn
+        // by a concurrent commit differs from the header it is compared with, as the commit's
+        // own would: the snapshot is then only begun again.
+        std::array::from_fn(|i| unsafe { words.add(i).read_volatile() })
     }
 }
 
@@ -2232,9 +2329,10 @@ fn spawn_checkpointer(
     writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
 ) -> Result<(), String> {
     let mut conn = SqliteConnection::establish(path).map_err(|e| e.to_string())?;
-    // A reset waits for readers to leave the WAL while writes wait for the reset. Readers leave
-    // within microseconds; one that stays longer (another process in a long read) makes the
-    // reset give up after this and try again a second later, rather than hold writes back.
+    // A reset waits for readers to leave the WAL while writes wait for the reset. Ours leave
+    // within a turn of their event loop (a millisecond or so); one that stays longer (another
+    // process in a long read) makes the reset give up after this and try again a second later,
+    // rather than hold writes back.
     diesel::connection::SimpleConnection::batch_execute(&mut conn, "PRAGMA busy_timeout = 100;")
         .map_err(|e| e.to_string())?;
     std::thread::Builder::new()
@@ -2258,8 +2356,8 @@ fn spawn_checkpointer(
 /// moment never comes: new pages are appended while a checkpoint copies the old ones, so the
 /// WAL grows for as long as the writes go on (a gigabyte in half a minute of creates at full
 /// speed), until the disk is full. A `TRUNCATE` checkpoint makes the moment: it waits until no
-/// one is writing, copies the rest, waits for the readers still on the WAL (microseconds), and
-/// empties it. The first commit after it also syncs the new log's header (a few ms).
+/// one is writing, copies the rest, waits for the readers still on the WAL (a millisecond or
+/// so), and empties it. The first commit after it also syncs the new log's header (a few ms).
 fn checkpoint(
     conn: &mut SqliteConnection,
     writer: &tokio::sync::Mutex<SqliteConnection>,

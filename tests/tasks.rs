@@ -1374,7 +1374,64 @@ fn concurrent_creates_all_land(backend: &Backend) {
     );
 }
 
+/// Read-your-writes under load: a read sent after a write was answered sees that write, while
+/// other clients keep every worker busy reading (SQLite's readers share a read transaction
+/// across the requests of one turn of a worker's event loop; it must never be one that began
+/// before a write it should see).
+fn reads_see_every_write_answered_before_them(backend: &Backend) {
+    let srv = start(backend);
+    let clients: Vec<Api> = (0..6)
+        .map(|i| Api::new(&srv, &format!("writer{i}@example.com")))
+        .collect();
+    let reader = Api::new(&srv, "reader@example.com");
+    reader.create(json!({"title": "read over and over"}));
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    reader.list(&[]);
+                }
+            });
+        }
+        let writers: Vec<_> = (clients.iter())
+            .map(|api| {
+                scope.spawn(move || {
+                    for round in 0..30 {
+                        let task = api.create(json!({"title": format!("round {round}")}));
+                        let id = id_of(&task);
+                        assert_eq!(api.fetch(id)["title"], json!(format!("round {round}")));
+                        let (_, total) = api.list(&[]);
+                        assert_eq!(total, round + 1, "list after create {round}");
+                        let (status, _, toggled) =
+                            api.toggle(&format!("/api/me/tasks/{id}/complete"));
+                        assert_eq!(status, StatusCode::OK, "{toggled}");
+                        assert_eq!(
+                            api.fetch(id)["completed"],
+                            json!(true),
+                            "after toggle {round}"
+                        );
+                        let (status, _, _) = api.delete(&format!("/api/me/tasks/{id}"));
+                        assert_eq!(status, StatusCode::NO_CONTENT);
+                        let (status, _, _) = api.get(&format!("/api/me/tasks/{id}"));
+                        assert_eq!(status, StatusCode::NOT_FOUND, "after delete {round}");
+                        api.create(json!({"title": format!("kept {round}")}));
+                    }
+                })
+            })
+            .collect();
+        let outcome: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        for writer in outcome {
+            if let Err(panic) = writer {
+                std::panic::resume_unwind(panic);
+            }
+        }
+    });
+}
+
 on_both_backends!(
+    reads_see_every_write_answered_before_them,
     create_returns_201_with_location,
     put_replaces_the_whole_task,
     patch_updates_only_given_fields,
@@ -1434,4 +1491,45 @@ fn sqlite_reads_timestamps_written_by_other_tools() {
             "listed, stored as {stored:?}"
         );
     }
+}
+
+/// A write committed by another process (a second server on the same file, a `sqlite3` shell)
+/// is seen by every read that starts after it, while the server's workers are kept busy
+/// reading (their readers share read transactions across requests: never one that began
+/// before such a write).
+#[test]
+fn sqlite_reads_see_writes_of_other_processes() {
+    use diesel::connection::SimpleConnection;
+    use diesel::Connection;
+
+    let srv = start(&Backend::Sqlite);
+    let alice = Api::new(&srv, "alice@example.com");
+    let id = id_of(&alice.create(json!({"title": "v0"})));
+    let db_path = srv.db.sqlite_path().unwrap();
+    let mut db = diesel::SqliteConnection::establish(db_path.to_str().unwrap()).unwrap();
+    db.batch_execute("PRAGMA busy_timeout = 5000").unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    alice.list(&[]);
+                }
+            });
+        }
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for round in 1..=150 {
+                let title = format!("v{round}");
+                db.batch_execute(&format!(
+                    "UPDATE tasks SET title = '{title}' WHERE id = {id}"
+                ))
+                .unwrap();
+                assert_eq!(alice.fetch(id)["title"], json!(title), "round {round}");
+            }
+        }));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Err(panic) = checked {
+            std::panic::resume_unwind(panic);
+        }
+    });
 }
