@@ -1535,9 +1535,10 @@ enum Database {
 ///
 /// Its statements take microseconds and never wait on a network, so its connections are not
 /// pooled: each worker thread reads through a connection of its own (WAL lets readers run beside
-/// the writer; see `SqliteReader`), and all writes go through the single writer connection. One writer means writes queue in memory instead of spinning on SQLite's
-/// file lock; tokio's mutex hands it over in arrival order (bb8's pool let newcomers overtake a
-/// waiting write: p99 75 ms at 64 connections).
+/// the writer; see `SqliteReader`), and all writes go through the single writer connection.
+/// One writer means writes queue in memory instead of spinning on SQLite's file lock; tokio's
+/// mutex hands it over in arrival order (bb8's pool let newcomers overtake a waiting write: p99
+/// 75 ms at 64 connections).
 ///
 /// Writes are committed in groups (see `WriteBatch`). Committing each write on its own, a commit
 /// cost more than the statements (appending its pages to the WAL, taking and dropping SQLite's
