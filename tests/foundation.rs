@@ -1135,3 +1135,27 @@ fn postgres_outage_answers_fast() {
     );
     assert_no_panic(&srv);
 }
+
+/// The access log: a line per request (address, method and path, status, size, time) when
+/// `RUST_LOG` lets its info through, none when it does not. (The server then leaves the
+/// middleware out instead of rendering lines nobody writes; that saving is the benchmark's.)
+#[test]
+fn access_log_follows_the_log_level() {
+    let quiet = "info,actix_web::middleware::logger=warn";
+    for (level, logged) in [("info", true), (quiet, false)] {
+        let srv = server(&Backend::Sqlite).env("RUST_LOG", level).start();
+        assert_health_ok(&srv);
+        assert_health_ok(&srv);
+        std::thread::sleep(Duration::from_millis(200));
+        let log = srv.log();
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("\"GET /health\" 200"))
+            .count();
+        assert_eq!(
+            lines,
+            if logged { 2 } else { 0 },
+            "access log lines at RUST_LOG={level}:\n{log}"
+        );
+    }
+}
