@@ -16,14 +16,17 @@
 //! Errors are one type, [`ApiError`], that renders FastAPI's `{"detail": …}` JSON; handlers
 //! just use `?`.
 
+#![forbid(unsafe_code)]
+
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use actix_web::body::{BodySize, BoxBody, EitherBody, MessageBody};
+use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ResourceDef, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
@@ -33,21 +36,20 @@ use actix_web::{
     HttpResponse, HttpServer, ResponseError,
 };
 use chrono::{NaiveDateTime, SubsecRound, Utc};
-// Not `diesel::prelude::*`: it brings diesel's synchronous `RunQueryDsl` into every scope, and
-// `db!` picks the query methods per backend (see `inline_sqlite`).
 use diesel::{
     AsChangeset, BoolExpressionMethods, Connection, ConnectionResult, EscapeExpressionMethods,
     ExpressionMethods, Insertable, NullableExpressionMethods, OptionalExtension, QueryDsl,
     QueryResult, Queryable, Selectable, SelectableHelper, SqliteConnection, TextExpressionMethods,
 };
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig, PoolError};
+use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
 use diesel_async::AsyncPgConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
-use futures_util::future::Either;
-use futures_util::future::{FutureExt, LocalBoxFuture};
+use futures_util::future::{BoxFuture, Either, FutureExt, LocalBoxFuture, TryFutureExt};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Validation};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::json;
+use thread_priority::{set_current_thread_priority, ThreadPriority, ThreadPriorityValue};
 use utoipa::openapi::security::{
     Flow, HttpAuthScheme, HttpBuilder, OAuth2, Password, Scopes, SecurityRequirement,
     SecurityScheme,
@@ -82,7 +84,7 @@ struct Config {
     trusted_proxies: Vec<IpAddr>,
     /// How long a client may take to send a whole request body.
     body_timeout: Duration,
-    /// How long a response may take to be written to its client (see `watch_response`).
+    /// How long a client may go without taking any of its response (see `note_connection`).
     response_timeout: Duration,
     /// Open connections at most, across all workers; more wait in the listen queue.
     max_connections: usize,
@@ -98,10 +100,9 @@ enum DatabaseUrl {
 /// How long a client may take to send a request body unless `REQUEST_BODY_TIMEOUT` says otherwise.
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a response may take to be written unless `RESPONSE_TIMEOUT` says otherwise. Long
-/// enough for the largest page (1,000 tasks of control characters, ~7.4 MB) at 2 Mbit/s, and a
-/// common page (100 tasks, tens of kB) on any link; short enough that a client which stops
-/// reading gives back its connection and the response it holds within half a minute.
+/// How long a client may go without taking any of its response unless `RESPONSE_TIMEOUT` says
+/// otherwise: short enough that a client which stops reading gives back its connection and the
+/// response it holds within half a minute, long enough for any client that still reads.
 const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A variable's value; set-but-empty counts as unset, as it does for most twelve-factor apps.
@@ -342,116 +343,18 @@ extern "SQL" {
     ) -> diesel::sql_types::Nullable<diesel::sql_types::Text>;
 }
 
-/// A moment in UTC, as stored (microseconds, in a `Timestamp` column) and as sent (RFC 3339
-/// with a `Z`, e.g. `2026-11-28T18:45:34.123456Z`).
-///
-/// Its own type because both directions are on the hot path — a task list reads and writes two
-/// per task — and chrono's general routes are slow there: diesel reads SQLite's text timestamps
-/// with `parse_from_str`, which parses its format string anew for every value (6% of a list
-/// profile), and `format("%Y…")` does the same when writing. Both texts have their digits at
-/// fixed places (`TIME_DIGITS`), so they are read and written by position.
-#[derive(
-    Clone, Copy, Debug, PartialEq, diesel::expression::AsExpression, diesel::deserialize::FromSqlRow,
-)]
-#[diesel(sql_type = diesel::sql_types::Timestamp)]
-struct UtcTime(NaiveDateTime);
-
 /// The current time as stored: UTC, truncated to microseconds because PostgreSQL keeps no more.
-fn now() -> UtcTime {
-    UtcTime(Utc::now().naive_utc().trunc_subsecs(6))
+fn now() -> NaiveDateTime {
+    Utc::now().naive_utc().trunc_subsecs(6)
 }
 
-/// Where year, month, day, hour, minute, second and microsecond sit in a timestamp's text, the
-/// way SQLite stores it (`2026-11-28 18:45:34.123456`) and the way it is sent (`…T…Z`).
-const TIME_DIGITS: [std::ops::Range<usize>; 7] =
-    [0..4, 5..7, 8..10, 11..13, 14..16, 17..19, 20..26];
-
-impl UtcTime {
-    /// Reads the text diesel stores in SQLite (`%F %T%.f`: no fraction, or 3 or 6 digits of one).
-    fn from_stored(stored: &[u8]) -> Option<UtcTime> {
-        const SHAPE: &[u8; 26] = b"0000-00-00 00:00:00.000000";
-        if !matches!(stored.len(), 19 | 23 | 26) {
-            return None;
-        }
-        let mut text = *SHAPE; // a shorter fraction is padded with zeros
-        text[..stored.len()].copy_from_slice(stored);
-        let shaped = (text.iter().zip(SHAPE))
-            .all(|(c, shape)| (*shape == b'0' && c.is_ascii_digit()) || c == shape);
-        if !shaped {
-            return None;
-        }
-        let [year, month, day, hour, minute, second, micro] = TIME_DIGITS.map(|digits| {
-            (text[digits].iter()).fold(0, |n, digit| n * 10 + u32::from(digit - b'0'))
-        });
-        let date = chrono::NaiveDate::from_ymd_opt(year as i32, month, day)?;
-        date.and_hms_micro_opt(hour, minute, second, micro)
-            .map(UtcTime)
-    }
-}
-
-impl diesel::deserialize::FromSql<diesel::sql_types::Timestamp, diesel::sqlite::Sqlite>
-    for UtcTime
-{
-    fn from_sql(
-        mut value: diesel::sqlite::SqliteValue<'_, '_, '_>,
-    ) -> diesel::deserialize::Result<Self> {
-        match UtcTime::from_stored(value.read_text().as_bytes()) {
-            Some(time) => Ok(time),
-            // Written some other way (by hand, by another tool): diesel reads every form.
-            None => diesel::deserialize::FromSql::<
-                diesel::sql_types::Timestamp,
-                diesel::sqlite::Sqlite,
-            >::from_sql(value)
-            .map(UtcTime),
-        }
-    }
-}
-
-impl diesel::deserialize::FromSql<diesel::sql_types::Timestamp, diesel::pg::Pg> for UtcTime {
-    fn from_sql(value: diesel::pg::PgValue<'_>) -> diesel::deserialize::Result<Self> {
-        diesel::deserialize::FromSql::<diesel::sql_types::Timestamp, diesel::pg::Pg>::from_sql(
-            value,
-        )
-        .map(UtcTime)
-    }
-}
-
-impl<DB> diesel::serialize::ToSql<diesel::sql_types::Timestamp, DB> for UtcTime
-where
-    DB: diesel::backend::Backend,
-    NaiveDateTime: diesel::serialize::ToSql<diesel::sql_types::Timestamp, DB>,
-{
-    fn to_sql<'b>(
-        &'b self,
-        out: &mut diesel::serialize::Output<'b, '_, DB>,
-    ) -> diesel::serialize::Result {
-        self.0.to_sql(out)
-    }
-}
-
-impl Serialize for UtcTime {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use chrono::{Datelike, Timelike};
-        let mut text = *b"0000-00-00T00:00:00.000000Z";
-        let (date, time) = (self.0.date(), self.0.time());
-        let values = [
-            date.year() as u32,
-            date.month(),
-            date.day(),
-            time.hour(),
-            time.minute(),
-            time.second(),
-            time.nanosecond() / 1_000,
-        ];
-        for (digits, value) in TIME_DIGITS.into_iter().zip(values) {
-            let mut rest = value;
-            for digit in text[digits].iter_mut().rev() {
-                *digit = b'0' + (rest % 10) as u8;
-                rest /= 10;
-            }
-        }
-        serializer.serialize_str(std::str::from_utf8(&text).map_err(serde::ser::Error::custom)?)
-    }
+/// How every timestamp is sent: RFC 3339 in UTC with six digits of fraction and a `Z`
+/// (`2026-11-28T18:45:34.123456Z`), whatever the backend stored.
+fn utc<S: Serializer>(time: &NaiveDateTime, serializer: S) -> Result<S::Ok, S::Error> {
+    let text = time
+        .and_utc()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    serializer.serialize_str(&text)
 }
 
 /// A user as clients see it. It has no password hash field, so no response can leak one.
@@ -465,10 +368,10 @@ struct User {
     /// `null` when the user has not given one.
     #[schema(required = true)]
     name: Option<String>,
-    #[schema(value_type = String, format = DateTime)]
-    created_at: UtcTime,
-    #[schema(value_type = String, format = DateTime)]
-    updated_at: UtcTime,
+    #[serde(serialize_with = "utc")]
+    created_at: NaiveDateTime,
+    #[serde(serialize_with = "utc")]
+    updated_at: NaiveDateTime,
     /// Server-side only: who vouches for the account (see the `users` table).
     #[serde(skip)]
     issuer: Option<String>,
@@ -488,32 +391,8 @@ struct NewUser<'a> {
     name: Option<&'a str>,
     password_hash: Option<&'a str>,
     issuer: Option<&'a str>,
-    created_at: UtcTime,
-    updated_at: UtcTime,
-}
-
-impl<'a> NewUser<'a> {
-    /// A user created now: with a password hash for a local account, with the issuer for one
-    /// created from an external token.
-    fn now(
-        id: &'a str,
-        email: &'a str,
-        name: Option<&'a str>,
-        password_hash: Option<&'a str>,
-        issuer: Option<&'a str>,
-    ) -> Self {
-        let time = now();
-        let (created_at, updated_at) = (time, time);
-        NewUser {
-            id,
-            email,
-            name,
-            password_hash,
-            issuer,
-            created_at,
-            updated_at,
-        }
-    }
+    created_at: NaiveDateTime,
+    updated_at: NaiveDateTime,
 }
 
 #[derive(Queryable, Selectable, Serialize, ToSchema, Debug)]
@@ -528,10 +407,10 @@ struct Task {
     #[schema(required = true)]
     description: Option<String>,
     completed: bool,
-    #[schema(value_type = String, format = DateTime)]
-    created_at: UtcTime,
-    #[schema(value_type = String, format = DateTime)]
-    updated_at: UtcTime,
+    #[serde(serialize_with = "utc")]
+    created_at: NaiveDateTime,
+    #[serde(serialize_with = "utc")]
+    updated_at: NaiveDateTime,
 }
 
 // ----- Request and response bodies ---------------------------------------------------------------
@@ -1140,46 +1019,38 @@ fn between<const MIN: i64, const MAX: i64>(value: &mut i64) -> Result<(), Proble
 
 /// Every way a request can fail. Handlers return `Result<_, ApiError>` and use `?`; the
 /// `ResponseError` impl below is the only place that turns failures into HTTP.
-#[derive(Debug)]
+/// Its `Display` (thiserror's `#[error]`) is the `detail` sent, except for 422, 500 and 503.
+#[derive(Debug, thiserror::Error)]
 enum ApiError {
     /// 401, with `WWW-Authenticate: Bearer`.
+    #[error("{0}")]
     Unauthorized(&'static str),
+    #[error("{0}")]
     BadRequest(&'static str),
+    #[error("{0}")]
     Forbidden(&'static str),
+    #[error("{0}")]
     NotFound(&'static str),
+    #[error("{0}")]
     Conflict(&'static str),
     /// 422 with FastAPI's list of field errors.
+    #[error("invalid input: {0:?}")]
     Invalid(Vec<FieldError>),
-    TooManyRequests {
-        retry_after: Duration,
-    },
+    #[error("Too many login attempts")]
+    TooManyRequests { retry_after: Duration },
     /// A status decided by the framework (404 / 405 / 413 / 415 …) with its message.
+    #[error("{1}")]
     Status(StatusCode, String),
     /// 503: the database did not answer in time.
+    #[error("{0}")]
     Unavailable(String),
     /// 500: the cause is logged, never sent.
+    #[error("{0}")]
     Internal(String),
 }
 
 /// What handlers and helpers return: `?` turns any error that converts into `ApiError`.
 type Result<T, E = ApiError> = std::result::Result<T, E>;
-
-impl fmt::Display for ApiError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ApiError::Unauthorized(m)
-            | ApiError::BadRequest(m)
-            | ApiError::Forbidden(m)
-            | ApiError::NotFound(m)
-            | ApiError::Conflict(m) => f.write_str(m),
-            ApiError::Invalid(errors) => write!(f, "invalid input: {errors:?}"),
-            ApiError::TooManyRequests { .. } => f.write_str("Too many login attempts"),
-            ApiError::Status(_, m) | ApiError::Unavailable(m) | ApiError::Internal(m) => {
-                f.write_str(m)
-            }
-        }
-    }
-}
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
@@ -1251,7 +1122,11 @@ impl From<diesel::result::Error> for ApiError {
             // The one foreign key is tasks.user_id: the account was deleted while a request of
             // its own was on the way, so its token no longer names anyone.
             Error::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, _) => INVALID_TOKEN,
-            _ if connection_lost(&error) => ApiError::Unavailable(error.to_string()),
+            // The connection is gone: the server restarted, or closed it.
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
+            | Error::DatabaseError(DatabaseErrorKind::UnableToSendCommand, _) => {
+                ApiError::Unavailable(error.to_string())
+            }
             // SQLite's lock timeout: the database is overloaded, not broken.
             Error::DatabaseError(_, info) if info.message().contains("database is locked") => {
                 ApiError::Unavailable(error.to_string())
@@ -1261,18 +1136,12 @@ impl From<diesel::result::Error> for ApiError {
     }
 }
 
-impl From<bb8::RunError<PoolError>> for ApiError {
-    fn from(error: bb8::RunError<PoolError>) -> Self {
+impl<E: fmt::Display> From<bb8::RunError<E>> for ApiError {
+    fn from(error: bb8::RunError<E>) -> Self {
         ApiError::Unavailable(match error {
             bb8::RunError::TimedOut => "no database connection became available in time".into(),
             bb8::RunError::User(e) => e.to_string(),
         })
-    }
-}
-
-impl From<actix_web::error::BlockingError> for ApiError {
-    fn from(error: actix_web::error::BlockingError) -> Self {
-        ApiError::Internal(format!("blocking task failed: {error}"))
     }
 }
 
@@ -1465,469 +1334,326 @@ fn read_body(
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 
-/// SQLite statements run right away, on the async worker that asked for them, through diesel's
-/// own synchronous driver.
-///
-/// A statement on a local WAL database is a few microseconds of work from the page cache; handing
-/// it to a blocking thread and back costs two thread switches, more than the work, and puts
-/// the hand-off latency on the single writer's critical path. The waits SQLite can have are
-/// kept off the request path instead: checkpoints (the only fsyncs with `synchronous=NORMAL`)
-/// run on a background thread (`spawn_checkpointer`), and within this process nothing holds the
-/// write lock but the one writer connection; when another process holds it, the writer waits
-/// as a sleeping task (`begin_immediate`), not on the thread.
-///
-/// diesel-async's `SyncConnectionWrapper` would let SQLite use diesel-async's query methods, but
-/// it is built to ship work to another thread: it renders every query to SQL text and copies
-/// its parameters before running it, and copies every row it reads into owned values. Calling
-/// diesel directly skips all three (a task list spent a fifth of its time there). This trait
-/// is the price: diesel's synchronous methods under diesel-async's names, returning futures that
-/// are already complete, so that `db!` runs one query text on either backend.
-mod inline_sqlite {
-    use diesel::query_dsl::methods::{ExecuteDsl, LimitDsl};
-    use diesel::query_dsl::LoadQuery;
-    use diesel::{dsl::Limit, QueryResult, SqliteConnection};
-    use std::future::{ready, Ready};
-
-    pub trait RunQueryDsl: diesel::RunQueryDsl<SqliteConnection> + Sized {
-        fn execute(self, conn: &mut SqliteConnection) -> Ready<QueryResult<usize>>
-        where
-            Self: ExecuteDsl<SqliteConnection>,
-        {
-            ready(diesel::RunQueryDsl::execute(self, conn))
-        }
-
-        fn load<'query, U>(self, conn: &mut SqliteConnection) -> Ready<QueryResult<Vec<U>>>
-        where
-            Self: LoadQuery<'query, SqliteConnection, U>,
-        {
-            ready(diesel::RunQueryDsl::load(self, conn))
-        }
-
-        fn get_result<'query, U>(self, conn: &mut SqliteConnection) -> Ready<QueryResult<U>>
-        where
-            Self: LoadQuery<'query, SqliteConnection, U>,
-        {
-            ready(diesel::RunQueryDsl::get_result(self, conn))
-        }
-
-        fn first<'query, U>(self, conn: &mut SqliteConnection) -> Ready<QueryResult<U>>
-        where
-            Self: LimitDsl,
-            Limit<Self>: LoadQuery<'query, SqliteConnection, U>,
-        {
-            ready(diesel::RunQueryDsl::first(self, conn))
-        }
-    }
-
-    impl<T: diesel::RunQueryDsl<SqliteConnection>> RunQueryDsl for T {}
-}
-
-type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
-
-/// The configured database: SQLite (embedded, the default) or PostgreSQL (a server, by URL).
+/// The configured database: SQLite (embedded, the default) or PostgreSQL (a server, by URL),
+/// each behind bb8 pools of diesel-async connections. Every worker thread has a `Database` of
+/// its own (`for_this_worker`); handlers reach it as `state.db` and query it through `db!`.
 #[derive(Clone)]
 enum Database {
-    Sqlite(Arc<SqliteDatabase>),
-    Postgres(Arc<PgSettings>),
+    Sqlite(SqlitePools),
+    Postgres(PgDatabase),
 }
 
-/// SQLite, run inline on the worker threads (see `inline_sqlite`).
+/// Runs `$query` (a future yielding `QueryResult<T>`) with `$conn` bound to a connection, giving
+/// `Result<T, ApiError>`: the one way this file runs a query.
 ///
-/// Its statements take microseconds and never wait on a network, so its connections are not
-/// pooled: each worker thread reads through a connection of its own (WAL lets readers run beside
-/// the writer; see `SqliteReader`), and all writes go through the single writer connection.
-/// One writer means writes queue in memory instead of spinning on SQLite's file lock; tokio's
-/// mutex hands it over in arrival order (bb8's pool let newcomers overtake a waiting write: p99
-/// 75 ms at 64 connections).
-///
-/// Writes are committed in groups (see `WriteBatch`). Committing each write on its own, a commit
-/// cost more than the statements (appending its pages to the WAL, taking and dropping SQLite's
-/// locks: over a third of the server's time under a load of creates), and handing the writer
-/// from thread to thread for every write left it idle while the next thread woke up.
-struct SqliteDatabase {
-    path: String,
-    writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
-}
-
-thread_local! {
-    /// This worker thread's reader connection, opened on first use.
-    static SQLITE_READER: std::cell::RefCell<Option<SqliteReader>> =
-        const { std::cell::RefCell::new(None) };
-    /// The batch this worker thread's next write joins, while one is waiting for the writer or
-    /// open.
-    static SQLITE_BATCH: std::cell::RefCell<Option<std::rc::Rc<WriteBatch>>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-impl SqliteDatabase {
-    /// Runs `statements` on this thread's reader connection.
-    async fn read<T>(
-        &self,
-        statements: impl FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
-    ) -> Result<T, ApiError> {
-        // Every `:memory:` connection is a database of its own: there the writer is the only one.
-        if self.path == ":memory:" {
-            return self.write(statements).await;
-        }
-        SQLITE_READER.with_borrow_mut(|reader| {
-            let reader = match reader {
-                Some(reader) => reader,
-                None => reader.insert(SqliteReader::open(&self.path)?),
-            };
-            reader.begin_snapshot()?;
-            let result = finish_inline(&mut reader.conn, statements);
-            if result.is_err() {
-                reader.end_snapshot();
-            }
-            result
-        })
-    }
-
-    /// Runs `statements` on the writer, in this thread's batch, and answers once the batch is
-    /// committed: a write is acknowledged only when it will survive a crash.
-    async fn write<T, F>(&self, mut statements: F) -> Result<T, ApiError>
-    where
-        F: FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
-    {
-        loop {
-            let batch = WriteBatch::join(&self.writer);
-            batch.opened().await?;
-            match batch.run(statements) {
-                Ok(result) => {
-                    batch.committed().await?;
-                    return result;
+/// The body is expanded once per backend, the way vaultwarden's `db_run!` does it: each query is
+/// written once and compiled, type-checked, against both SQLite and PostgreSQL. `read` or
+/// `write` says what the body does (SQLite sends writes to its one writer: see `SqlitePools`).
+/// Waiting for a connection and the statements together are bounded by `DATABASE_TIMEOUT`, so a
+/// database that is down or stalled costs a request a 503 after seconds, never a hang.
+macro_rules! db {
+    ($database:expr, $role:ident, |$conn:ident| $query:expr) => {{
+        let database: &Database = &$database;
+        database
+            .within_timeout(async {
+                use diesel_async::RunQueryDsl as _;
+                match database {
+                    Database::Sqlite(sqlite) => {
+                        let (mut pooled, _turn) = sqlite.$role().await?;
+                        let $conn = &mut pooled.conn;
+                        $query.await.map_err(ApiError::from)
+                    }
+                    Database::Postgres(pg) => {
+                        let mut pooled = pg.connection().await?;
+                        let $conn = &mut *pooled;
+                        $query.await.map_err(ApiError::from)
+                    }
                 }
-                // The batch closed before this write's turn came: it goes into the next one.
-                Err(not_run) => {
-                    let _ = batch.committed().await;
-                    statements = not_run;
-                }
+            })
+            .await
+    }};
+}
+
+/// `UPDATE … SET $changes, updated_at = now RETURNING *` on `$row`, a query for at most one row
+/// of `$table`: `Some` of the row as it is now, or `None` if there is no such row. A macro, as
+/// `db!` is: each changeset is a type of its own.
+macro_rules! update_returning {
+    ($database:expr, $row:expr, $changes:expr, $table:ident => $Row:ty) => {
+        db!($database, write, |conn| diesel::update($row)
+            .set(($changes, $table::updated_at.eq(now())))
+            .returning(<$Row>::as_returning())
+            .get_result::<$Row>(conn)
+            .map(OptionalExtension::optional))
+    };
+}
+
+impl Database {
+    /// Brings the schema up to date and opens the pools; runs before the server listens.
+    async fn connect(config: &Config) -> Result<Database, String> {
+        let timeout = config.database_timeout;
+        let (database, migrations) = match &config.database {
+            DatabaseUrl::Sqlite(path) => {
+                // Each `:memory:` connection is a database of its own, migrated as it opens.
+                let migrations = if path == ":memory:" {
+                    0
+                } else {
+                    let mut conn = open_sqlite(path).map_err(|e| e.to_string())?;
+                    migrate(&mut conn, SQLITE_MIGRATIONS)?
+                };
+                (
+                    Database::Sqlite(SqlitePools::open(path, config)),
+                    migrations,
+                )
             }
-        }
-    }
-}
-
-/// A worker thread's reader connection, and the read transaction (snapshot) it reads in.
-///
-/// Reads made on one thread during one turn of its event loop share one read transaction, as
-/// writes share a batch. Begun and ended for every statement on its own, a read transaction
-/// cost a fifth of a task list: SQLite takes and drops a lock on the WAL's shared memory each
-/// time, which is a `fcntl` system call, under a mutex the threads' readers share and wait
-/// for each other on. A snapshot is ended a turn after it began, by a task of its own; and it
-/// is used only while nothing has been committed since it began, by this process or another
-/// (see `WalIndex`), so a read always sees every write acknowledged before it, as with a
-/// transaction of its own.
-struct SqliteReader {
-    conn: SqliteConnection,
-    /// The database's WAL index; without it (not in WAL mode) each statement reads on its own.
-    wal: Option<WalIndex>,
-    /// The WAL index's header when the open read transaction began; `None` when none is open.
-    snapshot: Option<WalHeader>,
-}
-
-impl SqliteReader {
-    fn open(path: &str) -> Result<SqliteReader> {
-        let conn = open_sqlite(path).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-        let wal = WalIndex::open(path);
-        Ok(SqliteReader {
-            conn,
-            wal,
-            snapshot: None,
-        })
-    }
-
-    /// Makes sure a read transaction is open that began after the last commit, if any is.
-    fn begin_snapshot(&mut self) -> Result<()> {
-        let Some(wal) = &self.wal else {
-            return Ok(());
+            DatabaseUrl::Postgres(url) => {
+                // At startup the server may wait longer than a request would: a database that
+                // is itself starting (or a serverless one waking up) should not stop it.
+                let startup_timeout = timeout.max(STARTUP_CONNECT_TIMEOUT);
+                let migrations = migrate_postgres(url, startup_timeout).await?;
+                let per_worker = config
+                    .pool_size
+                    .unwrap_or(10)
+                    .div_ceil(worker_threads() as u32);
+                (
+                    Database::Postgres(PgDatabase::open(url, per_worker, timeout)),
+                    migrations,
+                )
+            }
         };
-        let header = wal.header();
-        match self.snapshot {
-            Some(began) if began == header => return Ok(()),
-            Some(_) => self.end_snapshot(),
-            // The first snapshot of a turn: a task ends it in the next one.
-            None => drop(actix_web::rt::spawn(async {
-                actix_web::rt::task::yield_now().await;
-                SQLITE_READER.with_borrow_mut(|reader| reader.as_mut().map(Self::end_snapshot));
-            })),
+        log::info!("database schema up to date ({migrations} migrations applied now)");
+        Ok(database)
+    }
+
+    /// The `Database` a worker thread uses. SQLite's pools are shared: there must be one writer.
+    /// PostgreSQL gets a pool per worker thread: tokio-postgres drives each connection on the
+    /// runtime that opened it, so a query and its connection's I/O stay on one thread, and a
+    /// worker that stops at shutdown takes only its own idle connections with it.
+    fn for_this_worker(&self) -> Database {
+        match self {
+            Database::Sqlite(sqlite) => Database::Sqlite(sqlite.clone()),
+            Database::Postgres(pg) => {
+                Database::Postgres(PgDatabase::open(&pg.url, pg.size, pg.timeout))
+            }
         }
-        // DEFERRED: SQLite takes the snapshot at the first statement, after `header` was read,
-        // so a commit in between only makes the next read start another.
-        sql(&mut self.conn, "BEGIN DEFERRED")?;
-        self.snapshot = Some(header);
+    }
+
+    /// `run`, or 503 once it has taken longer than `DATABASE_TIMEOUT`.
+    async fn within_timeout<T>(
+        &self,
+        run: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let timeout = match self {
+            Database::Sqlite(sqlite) => sqlite.timeout,
+            Database::Postgres(pg) => pg.timeout,
+        };
+        let answer = actix_web::rt::time::timeout(timeout, run).await;
+        answer.unwrap_or_else(|_| {
+            Err(ApiError::Unavailable(
+                "the database did not answer in time".into(),
+            ))
+        })
+    }
+
+    /// `SELECT 1` through the pool: the real answer to "is the database up?".
+    async fn ping(&self) -> Result<(), ApiError> {
+        db!(self, read, |conn| diesel::sql_query("SELECT 1")
+            .execute(conn))
+        .map(|_| ())
+    }
+}
+
+// ----- SQLite ------------------------------------------------------------------------------------
+
+/// diesel's SQLite connection made async by diesel-async: each statement runs on actix's
+/// blocking thread pool (see `BlockingPool`), never on a worker thread.
+type SqliteAsync = SyncConnectionWrapper<SqliteConnection, BlockingPool>;
+
+/// SQLite's pools: readers, and the one writer.
+///
+/// WAL lets any number of connections read beside one that writes. A single writer connection
+/// means writes queue in this process instead of contending for SQLite's file lock. They take
+/// turns at a fair semaphore, in arrival order: bb8 alone lets a newcomer take a connection
+/// that was just returned before a request that has been waiting for it.
+#[derive(Clone)]
+struct SqlitePools {
+    readers: bb8::Pool<SqliteManager>,
+    writer: bb8::Pool<SqliteManager>,
+    write_turns: Arc<tokio::sync::Semaphore>,
+    timeout: Duration,
+}
+
+impl SqlitePools {
+    fn open(path: &str, config: &Config) -> SqlitePools {
+        let timeout = config.database_timeout;
+        let pool = |size| {
+            bb8::Pool::builder()
+                .max_size(size)
+                .connection_timeout(timeout)
+                // A SQLite connection is an open file: nothing to expire or to test.
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .test_on_check_out(false)
+                .build_unchecked(SqliteManager { path: path.into() })
+        };
+        let writer = pool(1);
+        // The one `:memory:` database there is lives in the writer's connection.
+        let readers = match path {
+            ":memory:" => writer.clone(),
+            _ => pool(config.pool_size.unwrap_or(SQLITE_READERS)),
+        };
+        let write_turns = Arc::new(tokio::sync::Semaphore::new(1));
+        SqlitePools {
+            readers,
+            writer,
+            write_turns,
+            timeout,
+        }
+    }
+
+    async fn read(&self) -> Result<(SqlitePooled<'_>, Option<WriteTurn<'_>>)> {
+        Ok((self.readers.get().await?, None))
+    }
+
+    /// The writer, once it is this write's turn (held with it until the `db!` body is done).
+    async fn write(&self) -> Result<(SqlitePooled<'_>, Option<WriteTurn<'_>>)> {
+        let turn = self.write_turns.acquire().await;
+        let turn = turn.map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok((self.writer.get().await?, Some(turn)))
+    }
+}
+
+type SqlitePooled<'a> = bb8::PooledConnection<'a, SqliteManager>;
+type WriteTurn<'a> = tokio::sync::SemaphorePermit<'a>;
+
+/// Read connections unless `DATABASE_POOL_SIZE` says otherwise.
+const SQLITE_READERS: u32 = 4;
+
+/// A pooled SQLite connection, and how many of its statements are still running.
+struct PooledSqlite {
+    conn: SqliteAsync,
+    running: Arc<AtomicUsize>,
+}
+
+/// Opens SQLite connections for bb8 (see `open_sqlite`).
+struct SqliteManager {
+    path: String,
+}
+
+impl bb8::ManageConnection for SqliteManager {
+    type Connection = PooledSqlite;
+    type Error = diesel::ConnectionError;
+
+    async fn connect(&self) -> ConnectionResult<PooledSqlite> {
+        let path = self.path.clone();
+        let opened = actix_web::rt::task::spawn_blocking(move || -> ConnectionResult<_> {
+            let mut conn = open_sqlite(&path)?;
+            if path == ":memory:" {
+                migrate(&mut conn, SQLITE_MIGRATIONS)
+                    .map_err(diesel::ConnectionError::BadConnection)?;
+            }
+            Ok(conn)
+        });
+        let conn = opened
+            .await
+            .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))??;
+        let running = Arc::<AtomicUsize>::default();
+        let spawner = BlockingPool {
+            running: running.clone(),
+        };
+        let conn = SyncConnectionWrapper::with_runtime(conn, spawner);
+        Ok(PooledSqlite { conn, running })
+    }
+
+    async fn is_valid(&self, _: &mut PooledSqlite) -> ConnectionResult<()> {
         Ok(())
     }
 
-    fn end_snapshot(&mut self) {
-        if self.snapshot.take().is_some() && sql(&mut self.conn, "COMMIT").is_err() {
-            rollback(&mut self.conn);
-        }
+    /// A connection whose statement still runs (its request gave up waiting for it) is closed
+    /// once that statement ends, instead of going back to the pool, where the next request
+    /// would wait for it. So is one left inside a transaction.
+    fn has_broken(&self, pooled: &mut PooledSqlite) -> bool {
+        use diesel_async::pooled_connection::PoolableConnection;
+        pooled.running.load(Ordering::Acquire) > 0 || pooled.conn.is_broken()
     }
 }
 
-/// The header of a WAL database's index, as SQLite keeps it in shared memory: the start of
-/// the `-shm` file, mapped read-only. SQLite rewrites it on every commit, from any process
-/// (its `iChange` counter, the log's last frame `mxFrame`, and a new salt when the log starts
-/// over); it is laid out as SQLite's "WAL-mode file format" page describes. Read without a
-/// system call, it tells whether a snapshot is still current.
-struct WalIndex(memmap2::Mmap);
-
-/// The header's first copy: 48 bytes, compared whole.
-type WalHeader = [u64; 6];
-
-impl WalIndex {
-    /// Not found (not in WAL mode, or not a file) is `None`.
-    fn open(database: &str) -> Option<WalIndex> {
-        // Next to the database file itself: SQLite follows symbolic links to it.
-        let mut shm = std::fs::canonicalize(database).ok()?.into_os_string();
-        shm.push("-shm");
-        let file = std::fs::File::open(shm).ok()?;
-        // SAFETY: SQLite changes this file's contents under the mapping, so it is only ever
-        // read with volatile loads (`header`), never through a reference; it never shrinks
-        // while a connection (this thread's reader) has the database open.
-        let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
-        let index = (map.len() >= std::mem::size_of::<WalHeader>()).then_some(WalIndex(map))?;
-        // The header starts with its format's version, 3007000, in the machine's byte order.
-        let start = index.header()[0].to_ne_bytes();
-        let version = u32::from_ne_bytes([start[0], start[1], start[2], start[3]]);
-        (version == 3_007_000).then_some(index)
-    }
-
-    fn header(&self) -> WalHeader {
-        let words = self.0.as_ptr().cast::<u64>();
-        // SAFETY: the mapping is page-aligned and at least 48 bytes long (`open`). A read torn
-        // by a concurrent commit differs from the header it is compared with, as the commit's
-        // own would: the snapshot is then only begun again.
-        std::array::from_fn(|i| unsafe { words.add(i).read_volatile() })
-    }
-}
-
-/// Writes made on one worker thread during one turn of its event loop, committed together.
+/// Runs a SQLite connection's statements on actix's blocking thread pool (diesel-async's
+/// `SpawnBlocking`), counting those that have not finished.
 ///
-/// The first write to find no batch starts one, and a task of its own that waits for the
-/// writer, opens a transaction, lets every request this thread has ready run its writes in it,
-/// each in a savepoint of its own (a write that fails undoes only itself), then commits and
-/// hands the writer on. Each write is answered after that COMMIT, so it is as durable as with a
-/// commit of its own, for a share of one. The batch lives on one thread, so its requests wait
-/// for it without any thread switch; the writer changes threads once per batch, not per write.
-struct WriteBatch {
-    /// The writer, inside the batch's transaction, while the batch is open; the error instead
-    /// if a write's error ended the transaction early.
-    writer: std::cell::RefCell<Option<Result<tokio::sync::OwnedMutexGuard<SqliteConnection>>>>,
-    state: tokio::sync::watch::Sender<BatchState>,
+/// diesel-async's own spawner waits, with `block_in_place`, for a statement whose future was
+/// dropped, such as one whose request timed out; on actix's single-threaded workers that panics.
+/// This one lets the statement finish on its thread, and its connection stay out of the pool
+/// until then (`SqliteManager::has_broken`).
+struct BlockingPool {
+    running: Arc<AtomicUsize>,
 }
 
-enum BatchState {
-    WaitingForWriter,
-    Open,
-    Done(Result<(), ApiError>),
-}
-
-impl WriteBatch {
-    /// This thread's current batch, started if there is none.
-    fn join(writer: &Arc<tokio::sync::Mutex<SqliteConnection>>) -> std::rc::Rc<WriteBatch> {
-        SQLITE_BATCH.with_borrow_mut(|current| {
-            let batch = current.get_or_insert_with(|| {
-                let batch = std::rc::Rc::new(WriteBatch {
-                    writer: None.into(),
-                    state: tokio::sync::watch::Sender::new(BatchState::WaitingForWriter),
-                });
-                actix_web::rt::spawn(batch.clone().drive(writer.clone()));
-                batch
-            });
-            batch.clone()
-        })
+impl SpawnBlocking for BlockingPool {
+    fn spawn_blocking<'a, R: Send + 'static>(
+        &mut self,
+        task: impl FnOnce() -> R + Send + 'static,
+    ) -> BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>> {
+        let running = self.running.clone();
+        running.fetch_add(1, Ordering::AcqRel);
+        let finished = actix_web::rt::task::spawn_blocking(move || {
+            let result = task(); // the statement, and with it diesel-async's hold on the connection
+            running.fetch_sub(1, Ordering::AcqRel);
+            result
+        });
+        finished.map_err(Into::into).boxed()
     }
 
-    /// Opens the batch, commits it one turn of the event loop later, and tells its writes.
-    async fn drive(self: std::rc::Rc<Self>, writer: Arc<tokio::sync::Mutex<SqliteConnection>>) {
-        let outcome = self.open_and_commit(writer).await;
-        SQLITE_BATCH.with_borrow_mut(|current| *current = None);
-        self.state.send_replace(BatchState::Done(outcome));
-    }
-
-    async fn open_and_commit(
-        &self,
-        writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
-    ) -> Result<()> {
-        let mut writer = writer.lock_owned().await;
-        begin_immediate(&mut writer).await?;
-        *self.writer.borrow_mut() = Some(Ok(writer));
-        self.state.send_replace(BatchState::Open);
-        // The requests woken by `Open`, and those the poll for I/O finds ready, run before this
-        // task does again (tokio defers a yield until then).
-        actix_web::rt::task::yield_now().await;
-        let writer = self.writer.borrow_mut().take();
-        let lost = || ApiError::Internal("the write batch lost its writer".into());
-        let mut writer = writer.ok_or_else(lost)??;
-        sql(&mut writer, "COMMIT").inspect_err(|_| rollback(&mut writer))
-    }
-
-    /// Waits until the batch holds the writer, or has failed to get it.
-    async fn opened(&self) -> Result<()> {
-        self.wait_for(|state| !matches!(state, BatchState::WaitingForWriter))
-            .await
-    }
-
-    async fn committed(&self) -> Result<()> {
-        self.wait_for(|state| matches!(state, BatchState::Done(_)))
-            .await
-    }
-
-    async fn wait_for(&self, reached: impl FnMut(&BatchState) -> bool) -> Result<()> {
-        let mut state = self.state.subscribe();
-        let state = state.wait_for(reached).await;
-        match state.as_deref() {
-            Ok(BatchState::Done(Err(e))) => Err(e.again()),
-            Ok(_) => Ok(()),
-            Err(_) => Err(ApiError::Internal("write batch dropped".into())),
-        }
-    }
-
-    /// Runs `statements` in a savepoint of the open transaction; gives them back if the batch
-    /// is closed (committed, or its transaction ended by an error).
-    fn run<T, F>(&self, statements: F) -> Result<Result<T>, F>
-    where
-        F: FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
-    {
-        let mut open = self.writer.borrow_mut();
-        let Some(Ok(writer)) = open.as_mut() else {
-            return Err(statements);
-        };
-        if let Err(e) = sql(writer, "SAVEPOINT write") {
-            return Ok(Err(e));
-        }
-        let result = finish_inline(writer, statements);
-        let end = match result {
-            Ok(_) => "RELEASE write",
-            Err(_) => "ROLLBACK TO write; RELEASE write",
-        };
-        // Only an error that ended the whole transaction (an I/O error, a full disk) leaves no
-        // savepoint to close: then the writes before this one are lost, and the batch fails.
-        if let Err(e) = sql(writer, end) {
-            rollback(writer);
-            *open = Some(Err(e));
-        }
-        Ok(result)
-    }
-}
-
-impl ApiError {
-    /// The failure of a batch, for each of its writes (only 503 and 500 come out of one).
-    fn again(&self) -> ApiError {
-        match self {
-            ApiError::Unavailable(m) => ApiError::Unavailable(m.clone()),
-            other => ApiError::Internal(other.to_string()),
+    fn get_runtime() -> Self {
+        BlockingPool {
+            running: Arc::default(),
         }
     }
 }
 
-/// How long a write waits for another process to release the database's write lock.
-const SQLITE_LOCK_WAIT: Duration = Duration::from_secs(5);
-
-/// `BEGIN IMMEDIATE` on the writer, waiting while another process holds the write lock (a second
-/// server on the same file, a `sqlite3` shell, a `VACUUM`). The writer has no busy timeout: SQLite
-/// would wait inside its busy handler, asleep on this worker thread with every request of the
-/// thread. Here the wait is a task that sleeps, and the thread goes on serving.
-async fn begin_immediate(writer: &mut SqliteConnection) -> Result<()> {
-    let deadline = Instant::now() + SQLITE_LOCK_WAIT;
-    loop {
-        match sql(writer, "BEGIN IMMEDIATE") {
-            // "database is locked"
-            Err(ApiError::Unavailable(_)) if Instant::now() < deadline => {
-                actix_web::rt::time::sleep(Duration::from_millis(5)).await
-            }
-            begun => return begun,
-        }
-    }
+/// Opens one SQLite connection, set up the way this app needs every connection to be.
+fn open_sqlite(path: &str) -> ConnectionResult<SqliteConnection> {
+    let mut conn = SqliteConnection::establish(path)?;
+    let setup = |conn: &mut SqliteConnection| -> QueryResult<()> {
+        // busy_timeout first, so the statements after it wait for a lock instead of failing.
+        // WAL lets readers run beside the writer. NORMAL syncs only at checkpoints, and in WAL
+        // mode keeps every commit across a crash of this process.
+        diesel::connection::SimpleConnection::batch_execute(
+            conn,
+            "PRAGMA busy_timeout = 5000;
+             PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = NORMAL;
+             PRAGMA foreign_keys = ON;",
+        )?;
+        lower_utils::register_impl(conn, |text: Option<String>| text.map(|t| t.to_lowercase()))
+    };
+    setup(&mut conn).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+    Ok(conn)
 }
 
-/// Runs SQL without results on a SQLite connection.
-fn sql(conn: &mut SqliteConnection, text: &str) -> Result<()> {
-    use diesel::connection::SimpleConnection;
-    Ok(conn.batch_execute(text)?)
+/// Runs the migrations not yet applied; how many there were.
+fn migrate<DB: diesel::backend::Backend>(
+    conn: &mut impl MigrationHarness<DB>,
+    migrations: EmbeddedMigrations,
+) -> Result<usize, String> {
+    let applied = conn.run_pending_migrations(migrations);
+    applied.map(|v| v.len()).map_err(|e| e.to_string())
 }
 
-/// Ends whatever transaction is left open, so the writer is clean for the next batch.
-fn rollback(conn: &mut SqliteConnection) {
-    let _ = sql(conn, "ROLLBACK"); // "no transaction is active" is fine too
-}
+// ----- PostgreSQL --------------------------------------------------------------------------------
 
-/// The result of statements that finish within one poll, as SQLite's through `inline_sqlite` do.
-fn finish_inline<T>(
-    conn: &mut SqliteConnection,
-    statements: impl FnOnce(&mut SqliteConnection) -> Option<QueryResult<T>>,
-) -> Result<T, ApiError> {
-    let result = statements(conn).ok_or_else(|| {
-        ApiError::Internal("a SQLite statement waited for something other than SQLite".into())
-    })?;
-    Ok(result?)
-}
+type PgPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
 
-/// How to reach PostgreSQL. Each thread that uses it builds a pool of its own from these.
-struct PgSettings {
-    url: String,
-    /// Connections per thread's pool for writes: `DATABASE_POOL_SIZE` shared out among the
-    /// workers. The pool holds `PG_READERS` more, the thread's readers (see
-    /// `PgDatabase::reader`).
-    pool_size: u32,
-    timeout: Duration,
-}
-
-thread_local! {
-    static PG_POOL: std::cell::OnceCell<std::rc::Rc<PgDatabase>> = const { std::cell::OnceCell::new() };
-}
-
-impl PgSettings {
-    /// This thread's pool, built on first use.
-    ///
-    /// tokio-postgres drives each connection with a task on the runtime that opened it. With a
-    /// pool per worker thread, a query and its connection's I/O run on one thread — no hop to
-    /// another thread and back for every statement — and a worker that stops at shutdown takes
-    /// only its own, idle connections with it, never one another worker is still using.
-    fn pool_here(&self) -> std::rc::Rc<PgDatabase> {
-        PG_POOL.with(|pool| pool.get_or_init(|| self.open_pool().into()).clone())
-    }
-
-    fn open_pool(&self) -> PgDatabase {
-        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
-        let timeout = self.timeout;
-        manager_config.custom_setup = Box::new(move |url| connect_postgres(url, timeout).boxed());
-        let manager = AsyncDieselConnectionManager::new_with_config(&self.url, manager_config);
-        let connect_failures = ConnectFailures::default();
-        let pool = bb8::Pool::builder()
-            .max_size(self.pool_size + PG_READERS as u32)
-            // A connection kept open, so a burst does not start from nothing.
-            .min_idle(Some(1))
-            .connection_timeout(timeout)
-            // A failed attempt is reported (and the request answered) at once; the next request
-            // tries again.
-            .retry_connection(false)
-            .error_sink(Box::new(connect_failures.clone()))
-            // A dead connection is dropped on return (diesel-async checks the socket), so there
-            // is no need to pay a round trip to test each one on checkout.
-            .test_on_check_out(false)
-            .build_unchecked(manager);
-        PgDatabase {
-            pool,
-            timeout,
-            connect_failures,
-            readers: Default::default(),
-            next_reader: Default::default(),
-        }
-    }
-}
-
-/// A PostgreSQL pool that fails fast: a server that refuses connections gets its 503 at once,
-/// and one that stops answering (frozen, or a network that drops packets) within `timeout`.
+/// A worker thread's PostgreSQL pool, which fails fast: a server that refuses connections gets
+/// its 503 at once, and one that stops answering (frozen, or a network that drops packets)
+/// within `timeout`.
+#[derive(Clone)]
 struct PgDatabase {
     pool: PgPool,
-    /// Bounds each use of the database: waiting for a connection, then the statement.
-    timeout: Duration,
     connect_failures: ConnectFailures,
-    /// The connections this thread's reads go through, in turn (see `PgDatabase::reader`).
-    readers: std::cell::RefCell<Vec<std::rc::Rc<PgConnection>>>,
-    next_reader: std::cell::Cell<usize>,
+    url: String,
+    /// Connections in this worker's pool: `DATABASE_POOL_SIZE` shared out among the workers.
+    size: u32,
+    timeout: Duration,
 }
 
 /// Where bb8 reports failed connection attempts. bb8 leaves a request waiting for a pooled
@@ -1950,11 +1676,39 @@ impl bb8::ErrorSink<PoolError> for ConnectFailures {
     }
 }
 
-type PgConnection = bb8::PooledConnection<'static, AsyncDieselConnectionManager<AsyncPgConnection>>;
+type PgConnection<'a> = bb8::PooledConnection<'a, AsyncDieselConnectionManager<AsyncPgConnection>>;
 
 impl PgDatabase {
+    fn open(url: &str, size: u32, timeout: Duration) -> PgDatabase {
+        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+        manager_config.custom_setup = Box::new(move |url| connect_postgres(url, timeout).boxed());
+        let manager = AsyncDieselConnectionManager::new_with_config(url, manager_config);
+        let connect_failures = ConnectFailures::default();
+        let pool = bb8::Pool::builder()
+            .max_size(size)
+            // A connection kept open, so a burst does not start from nothing.
+            .min_idle(Some(1))
+            .connection_timeout(timeout)
+            // A failed attempt is reported (and the request answered) at once; the next request
+            // tries again.
+            .retry_connection(false)
+            .error_sink(Box::new(connect_failures.clone()))
+            // A dead connection is dropped on return (diesel-async checks the socket), so there
+            // is no need to pay a round trip to test each one on checkout.
+            .test_on_check_out(false)
+            .build_unchecked(manager);
+        let url = url.to_string();
+        PgDatabase {
+            pool,
+            connect_failures,
+            url,
+            size,
+            timeout,
+        }
+    }
+
     /// A live pooled connection, or 503 as soon as the server is known to refuse connections.
-    async fn connection(&self) -> Result<PgConnection, ApiError> {
+    async fn connection(&self) -> Result<PgConnection<'_>, ApiError> {
         use diesel_async::pooled_connection::PoolableConnection;
         // Connections the server closed (a restart, say) are still idle in the pool: skip them
         // rather than fail a request on each. Dropping one tells bb8 it is broken.
@@ -1972,8 +1726,8 @@ impl PgDatabase {
     /// Waits for a pooled connection. A failed connection attempt ends the wait only when the
     /// pool has no connection left that could come back: while others are merely busy, a
     /// transient failure (a slow handshake on a loaded machine) must not fail every waiter.
-    async fn checkout(&self) -> Result<PgConnection, ApiError> {
-        let mut checkout = std::pin::pin!(self.pool.get_owned());
+    async fn checkout(&self) -> Result<PgConnection<'_>, ApiError> {
+        let mut checkout = std::pin::pin!(self.pool.get());
         loop {
             let failed = std::pin::pin!(self.connect_failures.happened.notified());
             match futures_util::future::select(checkout.as_mut(), failed).await {
@@ -1989,216 +1743,6 @@ impl PgDatabase {
                 Either::Right(_) => {}
             }
         }
-    }
-
-    /// One of the `PG_READERS` connections this thread's reads share, in turn; each taken from
-    /// the pool on first use.
-    ///
-    /// A pooled connection serves one request at a time: a request sends its statement, then
-    /// the connection waits a round trip for the answer while other requests wait for it.
-    /// diesel-async's connection also runs statements through a shared reference, and then
-    /// *pipelines* them: the statements of every request in flight on this thread go out
-    /// together, in one write, and their answers come back together. Reads are single
-    /// statements outside any transaction, so they can share it; writes keep the pool, where
-    /// each has a connection (and a PostgreSQL backend) of its own and their commits can wait
-    /// for the disk at the same time.
-    ///
-    /// PostgreSQL answers one connection's statements one after another, in one backend
-    /// process: all reads behind one backend would stall whenever the scheduler runs something
-    /// else on its core. Two readers per thread keep that from stopping every read at once.
-    async fn reader(&self) -> Result<std::rc::Rc<PgConnection>, ApiError> {
-        let turn = self.next_reader.get().wrapping_add(1);
-        self.next_reader.set(turn);
-        if let Some(reader) = self.readers.borrow().get(turn % PG_READERS).cloned() {
-            return Ok(reader);
-        }
-        let reader = std::rc::Rc::new(self.connection().await?);
-        let mut readers = self.readers.borrow_mut();
-        if readers.len() < PG_READERS {
-            readers.push(reader.clone());
-        }
-        Ok(reader)
-    }
-
-    /// Stops sharing this thread's readers after the server closed `failed`: when it closes
-    /// one it has usually closed them all (a restart), so the next read takes a new one rather
-    /// than try the others. Once the requests still holding them let go, they go back to the
-    /// pool, which keeps the live ones and drops the dead; until then the pool counts them, so
-    /// this request lets go of `failed` first.
-    fn forget_readers(&self, failed: std::rc::Rc<PgConnection>) {
-        drop(failed);
-        self.readers.borrow_mut().clear();
-    }
-}
-
-/// Read connections per worker thread (see `PgDatabase::reader`).
-const PG_READERS: usize = 2;
-
-/// Whether a statement failed because its connection is gone (the server restarted, or closed
-/// it), not because of the statement.
-fn connection_lost(error: &diesel::result::Error) -> bool {
-    use diesel::result::{DatabaseErrorKind::*, Error::DatabaseError};
-    matches!(
-        error,
-        DatabaseError(ClosedConnection | UnableToSendCommand, _)
-    )
-}
-
-/// Runs `$query` (a future yielding `QueryResult<T>`) with `$conn` bound to a connection, giving
-/// `Result<T, ApiError>`.
-///
-/// The body is expanded once per backend, the way vaultwarden's `db_run!` does it: each query is
-/// written once and compiled, type-checked, against both SQLite and PostgreSQL. `read` or
-/// `write` picks SQLite's writer, and on PostgreSQL whether the statements share this thread's
-/// readers or take a pooled connection of their own (`pg_run!`). SQLite statements finish within
-/// one poll (`now_or_never`: the block may await only its statements); on PostgreSQL, waiting
-/// for a connection and the statements together are bounded by `DATABASE_TIMEOUT`, so a frozen
-/// server costs a request seconds, not forever.
-macro_rules! db {
-    ($database:expr, $role:ident, |$conn:ident| $query:expr) => {
-        match &$database {
-            Database::Sqlite(sqlite) => {
-                use inline_sqlite::RunQueryDsl as _;
-                sqlite.$role(|$conn| $query.now_or_never()).await
-            }
-            Database::Postgres(settings) => {
-                use diesel_async::RunQueryDsl as _;
-                let pg = settings.pool_here();
-                let answer = pg_run!(pg, $role, |$conn| $query);
-                actix_web::rt::time::timeout(pg.timeout, answer)
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(ApiError::Unavailable(
-                            "the database did not answer in time".into(),
-                        ))
-                    })
-            }
-        }
-    };
-}
-
-/// `db!`'s PostgreSQL side: a read on one of this thread's shared readers, run again on a new
-/// one if the server had closed it (a read changes nothing, so running it twice is safe); a
-/// write on a pooled connection of its own.
-macro_rules! pg_run {
-    ($pg:expr, read, |$conn:ident| $query:expr) => {
-        async {
-            let (mut reader, mut again) = ($pg.reader().await?, true);
-            loop {
-                let $conn = &mut &**reader;
-                match $query.await {
-                    Err(e) if again && connection_lost(&e) => {
-                        $pg.forget_readers(reader);
-                        (reader, again) = ($pg.reader().await?, false);
-                    }
-                    answer => break answer.map_err(ApiError::from),
-                }
-            }
-        }
-    };
-    ($pg:expr, write, |$conn:ident| $query:expr) => {
-        async {
-            let mut pooled = $pg.connection().await?;
-            let $conn = &mut *pooled;
-            $query.await.map_err(ApiError::from)
-        }
-    };
-}
-
-/// `UPDATE … SET $changes, updated_at = now RETURNING *` on `$row`, a query for at most one row
-/// of `$table`: `Some` of the row as it is now, or `None` if there is no such row. A macro, as
-/// `db!` is: each changeset is a type of its own.
-macro_rules! update_returning {
-    ($database:expr, $row:expr, $changes:expr, $table:ident => $Row:ty) => {
-        db!($database, write, |conn| async {
-            let update = diesel::update($row)
-                .set(($changes, $table::updated_at.eq(now())))
-                .returning(<$Row>::as_returning());
-            KeepPrepared(update)
-                .get_result::<$Row>(conn)
-                .await
-                .optional()
-        })
-    };
-}
-
-/// A statement diesel keeps prepared, although it is of a kind (an UPDATE, an upsert) that
-/// diesel prepares anew every time it runs: parsed and planned again, and on PostgreSQL one
-/// more round trip to prepare it. diesel does that because a changeset with optional fields
-/// gives one statement type many texts; it then cannot find the prepared statement by type.
-/// This one is found by its text (`HAS_STATIC_QUERY_ID = false`), so each text is prepared once
-/// per connection: a toggle, the same text every time, once; a PATCH, once per set of fields.
-///
-/// `is_safe_to_cache_prepared` is the hook diesel gives query types for this; diesel's docs
-/// show it only to backend authors, so a diesel upgrade that changes it fails to compile here.
-struct KeepPrepared<Q>(Q);
-
-impl<Q: diesel::query_builder::QueryFragment<DB>, DB: diesel::backend::Backend>
-    diesel::query_builder::QueryFragment<DB> for KeepPrepared<Q>
-{
-    fn walk_ast<'b>(&'b self, pass: diesel::query_builder::AstPass<'_, 'b, DB>) -> QueryResult<()> {
-        self.0.walk_ast(pass)
-    }
-
-    fn is_safe_to_cache_prepared(&self, _: &DB) -> QueryResult<bool> {
-        Ok(true)
-    }
-}
-
-impl<Q> diesel::query_builder::QueryId for KeepPrepared<Q> {
-    type QueryId = ();
-    const HAS_STATIC_QUERY_ID: bool = false;
-}
-
-impl<Q: diesel::query_builder::Query> diesel::query_builder::Query for KeepPrepared<Q> {
-    type SqlType = Q::SqlType;
-}
-
-impl<Q, C> diesel::RunQueryDsl<C> for KeepPrepared<Q> {}
-
-impl Database {
-    /// Opens the pools and brings the schema up to date; runs before the server listens.
-    async fn connect(config: &Config) -> Result<Database, String> {
-        let migrations;
-        let database = match &config.database {
-            DatabaseUrl::Sqlite(path) => {
-                // The writer opens first, so that it turns WAL on before any reader opens.
-                let mut writer =
-                    open_sqlite(path).map_err(|e| format!("cannot open the database: {e}"))?;
-                migrations = migrate_sqlite(&mut writer)?;
-                // From now on the writer waits for locks in `begin_immediate`, not in SQLite.
-                sql(&mut writer, "PRAGMA busy_timeout = 0").map_err(|e| e.to_string())?;
-                let writer = Arc::new(tokio::sync::Mutex::new(writer));
-                if path != ":memory:" {
-                    spawn_checkpointer(path, writer.clone())?;
-                }
-                Database::Sqlite(Arc::new(SqliteDatabase {
-                    path: path.clone(),
-                    writer,
-                }))
-            }
-            DatabaseUrl::Postgres(url) => {
-                // At startup the server may wait longer than a request would: a database that
-                // is itself starting (or a serverless one waking up) should not stop it.
-                let startup_timeout = config.database_timeout.max(STARTUP_CONNECT_TIMEOUT);
-                migrations = migrate_postgres(url, startup_timeout).await?;
-                let total = config.pool_size.unwrap_or(10);
-                Database::Postgres(Arc::new(PgSettings {
-                    url: url.clone(),
-                    pool_size: total.div_ceil(worker_threads() as u32),
-                    timeout: config.database_timeout,
-                }))
-            }
-        };
-        log::info!("database schema up to date ({migrations} migrations applied now)");
-        Ok(database)
-    }
-
-    /// `SELECT 1` through the pool: the real answer to "is the database up?".
-    async fn ping(&self) -> Result<(), ApiError> {
-        db!(self, read, |conn| diesel::sql_query("SELECT 1")
-            .execute(conn))
-        .map(|_| ())
     }
 }
 
@@ -2229,13 +1773,6 @@ async fn connect_postgres(url: &str, timeout: Duration) -> ConnectionResult<Asyn
     attempt.unwrap_or_else(|_| Err(BadConnection("the server did not answer in time".into())))
 }
 
-/// Brings a SQLite schema up to date, on the writer: for `:memory:` it is the only database
-/// there is.
-fn migrate_sqlite(writer: &mut SqliteConnection) -> Result<usize, String> {
-    let migrated = writer.run_pending_migrations(SQLITE_MIGRATIONS);
-    migrated.map(|v| v.len()).map_err(|e| e.to_string())
-}
-
 /// How long startup waits for PostgreSQL to accept its first connection.
 const STARTUP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -2246,15 +1783,12 @@ async fn migrate_postgres(url: &str, timeout: Duration) -> Result<usize, String>
     let conn = connect_postgres(url, timeout)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
-    tokio::task::spawn_blocking(move || {
+    let migrated = actix_web::rt::task::spawn_blocking(move || {
         use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
-        conn.run_pending_migrations(POSTGRES_MIGRATIONS)
-            .map(|v| v.len())
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+        migrate(&mut conn, POSTGRES_MIGRATIONS)
+    });
+    migrated.await.map_err(|e| e.to_string())?
 }
 
 fn postgres_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
@@ -2274,130 +1808,6 @@ fn postgres_tls() -> tokio_postgres_rustls::MakeRustlsConnect {
         .with_no_client_auth()
     });
     tokio_postgres_rustls::MakeRustlsConnect::new(config.clone())
-}
-
-/// Opens one SQLite connection, set up the way this app needs every connection to be.
-fn open_sqlite(path: &str) -> diesel::ConnectionResult<SqliteConnection> {
-    let mut conn = SqliteConnection::establish(path)?;
-    let setup = |conn: &mut SqliteConnection| -> QueryResult<()> {
-        // busy_timeout first, so the statements after it wait for a lock instead of failing.
-        // WAL lets readers run beside the writer. NORMAL syncs only at checkpoints, and in WAL
-        // mode keeps every commit across a crash of this process. Checkpoints are left to the
-        // background checkpointer, so requests wait for an fsync only when it resets the WAL
-        // (see `checkpoint`), at most once a second.
-        diesel::connection::SimpleConnection::batch_execute(
-            conn,
-            "PRAGMA busy_timeout = 5000;
-             PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = NORMAL;
-             PRAGMA wal_autocheckpoint = 0;
-             PRAGMA foreign_keys = ON;",
-        )?;
-        lower_utils::register_impl(conn, |text: Option<String>| text.map(|t| t.to_lowercase()))
-    };
-    setup(&mut conn).map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-    Ok(conn)
-}
-
-/// How many pages the write-ahead log may hold before the checkpointer resets it (see
-/// `checkpoint`): 16 MiB of SQLite's default 4 KiB pages, four times the size at which SQLite
-/// itself would checkpoint (`wal_autocheckpoint`, 1000 pages).
-///
-/// A reset makes writes wait (for two fsyncs and a truncation: 20 to 80 ms measured on a cloud
-/// VM's disk), so it should not come on every tick under a moderate load; and the log, which reads
-/// must search and which is replayed when the database is opened after a crash, should stay
-/// small. It never grows much past this size plus what one second of writes adds (some 30 MiB
-/// under a full load of creates).
-const WAL_RESET_PAGES: i32 = 4096;
-
-/// The row `PRAGMA wal_checkpoint` answers (its third column, pages copied, is not needed).
-#[derive(diesel::QueryableByName)]
-struct WalCheckpoint {
-    /// 1 when a blocking checkpoint (`TRUNCATE`) gave up waiting for a reader or a writer.
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    busy: i32,
-    /// Pages (frames) in the log, since it last started over.
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    log: i32,
-}
-
-/// Copies committed pages from the WAL into the database file once a second, on a thread of its
-/// own with its own connection, and keeps the WAL from growing without bound.
-///
-/// It takes the `writer` now and then, to reset the WAL (see `checkpoint`).
-fn spawn_checkpointer(
-    path: &str,
-    writer: Arc<tokio::sync::Mutex<SqliteConnection>>,
-) -> Result<(), String> {
-    let mut conn = SqliteConnection::establish(path).map_err(|e| e.to_string())?;
-    // A reset waits for readers to leave the WAL while writes wait for the reset. Ours leave
-    // within a turn of their event loop (a millisecond or so); one that stays longer (another
-    // process in a long read) makes the reset give up after this and try again a second later,
-    // rather than hold writes back.
-    diesel::connection::SimpleConnection::batch_execute(&mut conn, "PRAGMA busy_timeout = 100;")
-        .map_err(|e| e.to_string())?;
-    std::thread::Builder::new()
-        .name("sqlite-checkpoint".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_secs(1));
-            // A failure is retried on the next tick: the WAL only grows meanwhile.
-            if let Err(e) = checkpoint(&mut conn, &writer) {
-                log::warn!("SQLite checkpoint failed: {e}");
-            }
-        })
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-/// One tick of the checkpointer: copies what it can, and resets the WAL once it holds
-/// `WAL_RESET_PAGES`.
-///
-/// SQLite appends to the WAL until a writer finds every page in it copied and no reader still
-/// reading it; then it starts the log over from the beginning. Under sustained writes that
-/// moment never comes: new pages are appended while a checkpoint copies the old ones, so the
-/// WAL grows for as long as the writes go on (a gigabyte in half a minute of creates at full
-/// speed), until the disk is full. A `TRUNCATE` checkpoint makes the moment: it waits until no
-/// one is writing, copies the rest, waits for the readers still on the WAL (a millisecond or
-/// so), and empties it. The first commit after it also syncs the new log's header (a few ms).
-fn checkpoint(
-    conn: &mut SqliteConnection,
-    writer: &tokio::sync::Mutex<SqliteConnection>,
-) -> QueryResult<()> {
-    // PASSIVE never blocks readers or the writer; what it cannot copy now, it copies next time.
-    let wal = wal_checkpoint(conn, "PASSIVE")?;
-    if wal.log < WAL_RESET_PAGES {
-        return Ok(());
-    }
-    // The writer is taken first, between two batches, so no transaction is open while SQLite's
-    // write lock is held for the reset. A batch that met that lock instead would wait in
-    // SQLite's busy handler, asleep on its worker thread with every request of that thread;
-    // queued on the mutex, writes wait without blocking anything, and reads go on.
-    let writes_held = writer.blocking_lock();
-    let held_since = Instant::now();
-    // Only what was committed during the PASSIVE just above is left to copy, so this is short:
-    // that copy, two fsyncs (the WAL, then the database file) and the truncation.
-    let reset = wal_checkpoint(conn, "TRUNCATE");
-    drop(writes_held);
-    let writes_waited = held_since.elapsed();
-    if reset?.busy != 0 {
-        log::warn!(
-            "SQLite WAL at {} pages: a reader kept it from being reset; trying again in a second",
-            wal.log
-        );
-    } else {
-        log::info!(
-            "SQLite WAL reset at {} pages; writes waited {writes_waited:.1?}",
-            wal.log
-        );
-    }
-    Ok(())
-}
-
-/// Runs `PRAGMA wal_checkpoint(mode)`: SQLite reports a checkpoint kept waiting in its row, not
-/// as an error.
-fn wal_checkpoint(conn: &mut SqliteConnection, mode: &str) -> QueryResult<WalCheckpoint> {
-    let pragma = diesel::sql_query(format!("PRAGMA wal_checkpoint({mode})"));
-    diesel::RunQueryDsl::get_result(pragma, conn)
 }
 
 // =================================================================================================
@@ -2817,13 +2227,6 @@ impl JwkSetCache {
     }
 }
 
-/// nginx's 499, for a request whose client hung up before its answer was ready: nobody reads it,
-/// but the access log shows what happened.
-fn client_closed_request() -> ApiError {
-    let status = StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST);
-    ApiError::Status(status, "Client closed the request".into())
-}
-
 /// bcrypt, kept off the async workers, limited to one hash per core at a time and run at a low
 /// CPU priority, so a burst of logins queues and slows logins instead of everything else.
 struct PasswordHasher {
@@ -2833,6 +2236,10 @@ struct PasswordHasher {
     /// password and accounts cannot be told apart.
     dummy_hash: String,
 }
+
+/// bcrypt's priority on thread-priority's portable 0–99 scale: on Linux, where the scale maps
+/// onto the nice values 19 … -20, this is nice 10.
+const BCRYPT_PRIORITY: u8 = 22;
 
 impl PasswordHasher {
     fn new(cost: u32) -> Result<PasswordHasher, String> {
@@ -2845,51 +2252,42 @@ impl PasswordHasher {
         })
     }
 
-    /// Runs `work` on the blocking pool once a permit is free, at `nice` 10: when the CPU is
-    /// busy, requests that do not hash (and PostgreSQL, when it shares the machine) go first.
-    ///
-    /// Not if the client of `req` hung up while it waited: actix does not cancel a handler
-    /// whose client left, so a burst of abandoned logins would otherwise keep every core
-    /// hashing for clients long gone, and the queue would outgrow the cap on connections.
-    async fn run<T: Send + 'static>(
-        &self,
-        req: &HttpRequest,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T> {
+    /// Runs `work` once a permit is free, on a thread of its own at `BCRYPT_PRIORITY`: when the
+    /// CPU is busy, requests that do not hash (and PostgreSQL, when it shares the machine) go
+    /// first. Not on actix's blocking pool: its threads also run SQLite's statements, and a
+    /// thread cannot raise its priority back once it has lowered it.
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
         let permit = self.permits.acquire().await;
         let _permit = permit.map_err(|e| ApiError::Internal(e.to_string()))?;
-        if ClientConnection::of(req).is_some_and(ClientConnection::closed) {
-            return Err(client_closed_request());
-        }
+        let (done, result) = tokio::sync::oneshot::channel();
         let background = move || {
-            // SAFETY: setpriority on this thread's own id changes only its nice value, which
-            // any thread may raise; it touches no memory.
-            unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
-            work()
+            if let Ok(priority) = ThreadPriorityValue::try_from(BCRYPT_PRIORITY) {
+                let _ = set_current_thread_priority(ThreadPriority::Crossplatform(priority));
+            }
+            let _ = done.send(work());
         };
-        Ok(web::block(background).await?)
+        let thread = std::thread::Builder::new()
+            .name("bcrypt".into())
+            .spawn(background);
+        thread.map_err(|e| ApiError::Internal(format!("cannot start a bcrypt thread: {e}")))?;
+        result
+            .await
+            .map_err(|_| ApiError::Internal("bcrypt panicked".into()))
     }
 
-    async fn hash(&self, req: &HttpRequest, password: String) -> Result<String> {
+    async fn hash(&self, password: String) -> Result<String> {
         let cost = self.cost;
-        let hashed = self.run(req, move || bcrypt::hash(password, cost)).await?;
+        let hashed = self.run(move || bcrypt::hash(password, cost)).await?;
         hashed.map_err(|e| ApiError::Internal(format!("bcrypt: {e}")))
     }
 
     /// Whether `password` matches `hash`; with no hash (unknown user, or one who signs in
     /// elsewhere) it checks against the dummy and answers false, in the same time.
-    async fn verify(
-        &self,
-        req: &HttpRequest,
-        password: String,
-        hash: Option<String>,
-    ) -> Result<bool> {
+    async fn verify(&self, password: String, hash: Option<String>) -> Result<bool> {
         let usable = hash.is_some() && password.len() <= PASSWORD_MAX_BYTES;
         let hash = hash.unwrap_or_else(|| self.dummy_hash.clone());
         // Always run, even when `usable` already says no: the time must not tell.
-        let matches = self.run(req, move || {
-            bcrypt::verify(password, &hash).unwrap_or(false)
-        });
+        let matches = self.run(move || bcrypt::verify(password, &hash).unwrap_or(false));
         let matches = matches.await?;
         Ok(usable && matches)
     }
@@ -2964,7 +2362,7 @@ impl Database {
                             .otherwise(window_started_ms)),
                 ))
                 .returning((attempts, window_started_ms));
-            KeepPrepared(upsert).get_result(conn)
+            upsert.get_result(conn)
         })?;
         if taken <= bucket.limit() {
             return Ok(());
@@ -3008,14 +2406,16 @@ impl Database {
     }
 }
 
-/// Shared, read-mostly state, built once at startup and handed to every worker.
+/// What handlers share: built once at startup, then cloned for each worker thread with the
+/// worker's own database pools (`Database::for_this_worker`).
 type State = web::Data<AppState>;
 
+#[derive(Clone)]
 struct AppState {
     db: Database,
-    auth: TokenAuthority,
-    passwords: PasswordHasher,
-    trusted_proxies: Vec<IpAddr>,
+    auth: Arc<TokenAuthority>,
+    passwords: Arc<PasswordHasher>,
+    trusted_proxies: Arc<[IpAddr]>,
     body_timeout: Duration,
 }
 
@@ -3071,7 +2471,16 @@ impl AppState {
         // A display name the API would refuse from a client is dropped, not stored.
         let name = (claims.name.as_deref())
             .filter(|n| !n.contains('\0') && n.chars().count() <= NAME_MAX_CHARS);
-        let new_user = NewUser::now(&claims.sub, &email, name, None, Some(&issuer));
+        let time = now();
+        let new_user = NewUser {
+            id: &claims.sub,
+            email: &email,
+            name,
+            password_hash: None,
+            issuer: Some(&issuer),
+            created_at: time,
+            updated_at: time,
+        };
         // Two first requests can race. Whichever unique index trips first, the loser's insert
         // does nothing and both read the row by id; no row means the email belongs to a
         // different account.
@@ -3146,7 +2555,7 @@ impl AppState {
         })?;
         let hash = account.as_ref().and_then(|(_, hash, _)| hash.clone());
         let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
-        let verified = self.passwords.verify(req, password, hash).await? && plausible;
+        let verified = self.passwords.verify(password, hash).await? && plausible;
         let Some((user_id, _, generation)) = account.filter(|_| verified) else {
             // The failure keeps both slots it took.
             return Err(ApiError::Unauthorized("Incorrect email or password"));
@@ -3259,12 +2668,19 @@ async fn health(state: State) -> HttpResponse {
     EmailTaken, BodyTooLarge, NotJson, Invalid,
 ))]
 #[post("/api/auth/register")]
-async fn register(state: State, req: HttpRequest, body: JsonBody) -> Result<HttpResponse> {
+async fn register(state: State, body: JsonBody) -> Result<HttpResponse> {
     let body: RegisterRequest = body.parse()?;
-    let password_hash = state.passwords.hash(&req, body.password).await?;
-    let id = uuid::Uuid::new_v4().to_string();
-    let name = body.name.as_deref();
-    let new_user = NewUser::now(&id, &body.email, name, Some(&password_hash), None);
+    let password_hash = state.passwords.hash(body.password).await?;
+    let (id, time) = (uuid::Uuid::new_v4().to_string(), now());
+    let new_user = NewUser {
+        id: &id,
+        email: &body.email,
+        name: body.name.as_deref(),
+        password_hash: Some(&password_hash),
+        issuer: None,
+        created_at: time,
+        updated_at: time,
+    };
     let user: User = db!(state.db, write, |conn| diesel::insert_into(users::table)
         .values(&new_user)
         .returning(User::as_returning())
@@ -3353,7 +2769,6 @@ const INCORRECT_PASSWORD: ApiError = ApiError::BadRequest("Incorrect password");
 async fn change_password(
     state: State,
     CurrentUser(user): CurrentUser,
-    req: HttpRequest,
     body: JsonBody,
 ) -> Result<HttpResponse> {
     let body: PasswordChange = body.parse()?;
@@ -3365,12 +2780,12 @@ async fn change_password(
         me.select(users::password_hash).first(conn).await.optional()
     })?
     .ok_or(INVALID_TOKEN)?;
-    let right = (state.passwords).verify(&req, body.current_password, current_hash.clone());
+    let right = (state.passwords).verify(body.current_password, current_hash.clone());
     if !right.await? {
         return Err(INCORRECT_PASSWORD);
     }
     state.db.clear_attempts(guesses).await?;
-    let new_hash = state.passwords.hash(&req, body.new_password).await?;
+    let new_hash = state.passwords.hash(body.new_password).await?;
     // Only if the hash is still the one just checked: another change may have committed while
     // bcrypt ran, and this one must not overwrite it and answer 204 too.
     let checked = users::table
@@ -3818,7 +3233,6 @@ fn init_logging() {
 }
 
 fn main() {
-    configure_sqlite();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {
@@ -3834,24 +3248,24 @@ fn main() {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
-    if config.jwt_secret_is_random {
-        log::warn!(
-            "JWT_SECRET is not set: using a random secret, so tokens will not survive a restart"
-        );
-    }
-    let state = web::Data::new(AppState::new(&config).await?);
-    spawn_housekeeping(&state)?;
+    let state = AppState::new(&config).await?;
+    spawn_housekeeping(state.db.clone());
     let openapi = openapi_document();
     let known_routes = web::Data::new(KnownRoutes::from_openapi(&openapi));
     let cors_origins = config.cors_origins.clone();
     let (workers, max_connections) = (worker_threads(), connection_limit(&config));
     let response_timeout = config.response_timeout;
+    // Called once on each worker thread, which gets its own `App` and its own database pools.
     let server = HttpServer::new(move || {
+        let state = AppState {
+            db: state.db.for_this_worker(),
+            ..state.clone()
+        };
         App::new()
             .into_utoipa_app()
             .configure(api_routes)
             .into_app()
-            .app_data(state.clone())
+            .app_data(web::Data::new(state))
             .app_data(known_routes.clone())
             .service(web::redirect("/docs", "/docs/"))
             .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", openapi.clone()))
@@ -3869,8 +3283,8 @@ async fn serve(config: Config) -> Result<(), String> {
                 middleware::Logger::new(ACCESS_LOG_FORMAT)
                     .custom_request_replace("method", |req| req.method().to_string()),
             ))
-            // Last, so outermost: it watches every response, whichever layer produced it.
-            .wrap(middleware::from_fn(watch_response))
+            // Last, so outermost: it sees every response, whichever layer produced it.
+            .wrap(middleware::from_fn(in_pieces))
     })
     .workers(workers)
     .max_connections(max_connections / workers)
@@ -3878,7 +3292,7 @@ async fn serve(config: Config) -> Result<(), String> {
     .shutdown_signal(shutdown_signal())
     .shutdown_timeout(30)
     // Before `bind`: actix takes the callback when it binds.
-    .on_connect(move |io, data| note_connection(io, data, response_timeout))
+    .on_connect(move |io, _| note_connection(io, response_timeout))
     .bind((config.host.as_str(), config.port))
     .map_err(|e| {
         let (host, port) = (&config.host, config.port);
@@ -3899,6 +3313,9 @@ impl AppState {
             .await
             .map_err(|e| format!("DATABASE_URL: {e}"))?;
         let auth = TokenAuthority::new(config)?;
+        if config.jwt_secret_is_random {
+            log::warn!("JWT_SECRET is not set: using a random secret, so tokens will not survive a restart");
+        }
         if let Some(jwks) = &auth.jwks {
             // Not fatal: the issuer may start after us, and an unknown kid fetches again.
             match jwks.refresh().await {
@@ -3912,38 +3329,24 @@ impl AppState {
             .map_err(|e| e.to_string())??;
         Ok(AppState {
             db,
-            auth,
-            passwords,
-            trusted_proxies: config.trusted_proxies.clone(),
+            auth: Arc::new(auth),
+            passwords: Arc::new(passwords),
+            trusted_proxies: config.trusted_proxies.clone().into(),
             body_timeout: config.body_timeout,
         })
     }
 }
 
-/// Background upkeep: expired login-throttle buckets, and memory freed after a burst.
-fn spawn_housekeeping(state: &AppState) -> Result<(), String> {
-    // Throttle buckets whose minute is over are deleted in the background.
-    let throttle_db = state.db.clone();
+/// Throttle buckets whose minute is over are deleted in the background, once a minute.
+fn spawn_housekeeping(db: Database) {
     actix_web::rt::spawn(async move {
         loop {
             actix_web::rt::time::sleep(THROTTLE_WINDOW).await;
-            if let Err(e) = throttle_db.forget_old_attempts().await {
+            if let Err(e) = db.forget_old_attempts().await {
                 log::warn!("cannot clear old login attempts: {e}");
             }
         }
     });
-    // A burst of connections (slow clients, a load spike) leaves freed memory in glibc's
-    // per-thread arenas, which it hands back to the kernel only from the top of each heap.
-    // Trimming now and then returns it, so the process shrinks back once the burst is over.
-    std::thread::Builder::new()
-        .name("malloc-trim".into())
-        .spawn(|| loop {
-            std::thread::sleep(Duration::from_secs(2));
-            // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
-            unsafe { libc::malloc_trim(0) };
-        })
-        .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 /// How many connections to accept at once. Every connection is a file descriptor. The soft
@@ -3963,244 +3366,74 @@ fn connection_limit(config: &Config) -> usize {
 // ----- Clients that do not read their responses --------------------------------------------------
 //
 // actix bounds how long a client may take to send a request, not how long it may take to read
-// the answer. A client that asks for a 7 MB page and never reads kept that page, and its
-// connection, for as long as it stayed: 40 of them took 300 MB. So every response too big to go
-// out in one piece is watched:
+// the answer. A client that asks for a 7 MB page and never reads would keep that page, and its
+// connection, for as long as it stayed. So:
 //
-// - Its body is handed to actix a `RESPONSE_CHUNK` at a time. actix asks for more only when its
-//   own write buffer (32 KiB) has drained, so a response waiting for its reader holds under
-//   48 KiB there; handed over whole, it was copied into that buffer, a second copy of the page.
-// - A watchdog ends the connection if the response is still being written `RESPONSE_TIMEOUT`
-//   after the handler answered. The body itself cannot: actix stops asking it for data while
-//   its buffer is full, which is exactly what a client that stopped reading causes. So the
-//   watchdog shuts the socket down; actix's next write fails, and actix drops the connection
-//   and the response with it.
-//
-// Smaller responses are left alone, at no cost: actix takes one whole into its buffer and is done
-// with it at once, and its keep-alive timeout (5 s) then closes the connection if the client
-// never reads.
+// - Each connection has a `TCP_USER_TIMEOUT` of `RESPONSE_TIMEOUT`: the kernel gives up on a
+//   connection whose client has not taken (acknowledged) data sent to it for that long, however
+//   long it keeps answering the kernel's probes with "my window is full". actix's next write then
+//   fails, and it drops the connection and the response. Linux only (elsewhere the option does
+//   not exist, and such a client is cut off by nothing but the client itself).
+// - A big response body is handed to actix a `RESPONSE_CHUNK` at a time. actix asks for more only
+//   when its own write buffer (32 KiB) has drained, so a response waiting for its reader holds
+//   under 48 KiB there; handed over whole, it was copied into that buffer, a second copy of it.
 
-/// How much of a response body actix is handed at a time, and the size below which a response is
-/// not watched. Well under actix's 32 KiB write buffer, so a response of this size (headers
-/// included) is finished the moment it is first polled.
+/// How much of a response body actix is handed at a time, and the size up to which a response
+/// is handed over whole.
 const RESPONSE_CHUNK: usize = 16 * 1024;
 
-/// What the watchdog needs to know of a connection, noted when actix accepts it.
-#[derive(Clone, Copy)]
-struct ClientConnection {
-    socket: std::os::fd::RawFd,
-    response_timeout: Duration,
-}
-
-impl ClientConnection {
-    fn of(req: &HttpRequest) -> Option<ClientConnection> {
-        req.conn_data::<ClientConnection>().copied()
-    }
-
-    /// Whether the client has hung up: a read that does not wait finds the end of the stream,
-    /// or a reset. `MSG_PEEK` leaves any bytes there (a pipelined request) to actix. This is
-    /// nginx's test for a client that closed its request (its status 499): one that only shut
-    /// down its sending side counts as gone too.
-    fn closed(self) -> bool {
-        let mut byte = 0u8;
-        let (buffer, flags) = (
-            (&mut byte as *mut u8).cast(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        );
-        // SAFETY: a handler runs only while actix holds its connection's socket open (it drops
-        // the handler before it closes the socket); recv writes at most one byte to `byte`.
-        let read = unsafe { libc::recv(self.socket, buffer, 1, flags) };
-        let error = std::io::Error::last_os_error().raw_os_error();
-        read == 0 || (read < 0 && !matches!(error, Some(libc::EAGAIN | libc::EINTR)))
-    }
-}
-
-/// `HttpServer::on_connect`: notes the socket of each plain TCP connection.
-fn note_connection(
-    io: &dyn std::any::Any,
-    data: &mut actix_web::dev::Extensions,
-    timeout: Duration,
-) {
-    use std::os::fd::AsRawFd;
+/// `HttpServer::on_connect`: sets the connection's user timeout (see above).
+fn note_connection(io: &dyn std::any::Any, response_timeout: Duration) {
     if let Some(tcp) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        data.insert(ClientConnection {
-            socket: tcp.as_raw_fd(),
-            response_timeout: timeout,
-        });
+        #[cfg(target_os = "linux")]
+        if let Err(e) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(response_timeout)) {
+            log::warn!("cannot set TCP_USER_TIMEOUT: {e}");
+        }
+        let _ = (tcp, response_timeout); // used only on Linux
     }
 }
 
-/// The outermost middleware: watches every response bigger than `RESPONSE_CHUNK` (or of unknown
-/// size) with a `WatchedBody`; smaller ones pass as they are.
-async fn watch_response<B: MessageBody + 'static>(
+/// The outermost middleware: a response body over `RESPONSE_CHUNK` goes to actix in pieces of
+/// that size, cut from the body without copying it (`Bytes::split_to` shares its memory).
+async fn in_pieces(
     req: ServiceRequest,
-    next: middleware::Next<B>,
-) -> Result<ServiceResponse<EitherBody<B, WatchedBody>>, actix_web::Error> {
+    next: middleware::Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let res = next.call(req).await?;
-    let small = match res.response().body().size() {
-        BodySize::None => true,
-        BodySize::Sized(size) => size <= RESPONSE_CHUNK as u64,
-        BodySize::Stream => false,
-    };
-    let connection = ClientConnection::of(res.request());
-    match connection {
-        Some(connection) if !small => {
-            let peer = res.request().peer_addr();
-            let watched = res.map_body(|_, body| WatchedBody::new(body.boxed(), connection, peer));
-            Ok(watched.map_into_right_body())
-        }
-        _ => Ok(res.map_into_left_body()),
-    }
-}
-
-/// A response body handed out a `RESPONSE_CHUNK` at a time, with a watchdog that ends the
-/// connection if it is not all written within the connection's `response_timeout`.
-struct WatchedBody {
-    body: BoxBody,
-    /// What is left of the last piece `body` gave. Cut with `Bytes::split_to`, which shares
-    /// the piece's memory instead of copying it.
-    rest: web::Bytes,
-    watchdog: actix_web::rt::task::JoinHandle<()>,
-}
-
-impl WatchedBody {
-    fn new(
-        body: BoxBody,
-        connection: ClientConnection,
-        peer: Option<std::net::SocketAddr>,
-    ) -> Self {
-        let timeout = connection.response_timeout;
-        // A task on this worker's thread, as the connection is.
-        let watchdog = actix_web::rt::spawn(async move {
-            actix_web::rt::time::sleep(timeout).await;
-            log::warn!("response to {peer:?} not read within {timeout:?}: connection closed");
-            reset(connection.socket);
+    Ok(res.map_body(|_, body| {
+        let body = match body.try_into_bytes() {
+            Ok(bytes) if bytes.len() > RESPONSE_CHUNK => bytes,
+            Ok(small) => return small.boxed(),
+            Err(body) => return body.boxed(),
+        };
+        let size = body.len() as u64;
+        let pieces = futures_util::stream::unfold(body, |mut rest| async move {
+            let piece = rest.split_to(rest.len().min(RESPONSE_CHUNK));
+            (!piece.is_empty()).then_some((Ok::<_, std::convert::Infallible>(piece), rest))
         });
-        WatchedBody {
-            body,
-            rest: web::Bytes::new(),
-            watchdog,
-        }
-    }
+        actix_web::body::SizedStream::new(size, pieces).boxed()
+    }))
 }
 
-impl Drop for WatchedBody {
-    /// The body is dropped when actix has taken all of it, or when it drops the connection. The
-    /// watchdog must then never touch the socket: once actix closes it, its number may be given
-    /// to the next client. The watchdog runs on this same thread, so it is not running now, and
-    /// an aborted task is never polled again.
-    fn drop(&mut self) {
-        self.watchdog.abort();
-    }
-}
-
-impl MessageBody for WatchedBody {
-    type Error = <BoxBody as MessageBody>::Error;
-
-    fn size(&self) -> BodySize {
-        self.body.size()
-    }
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<web::Bytes, Self::Error>>> {
-        if self.rest.is_empty() {
-            match std::task::ready!(std::pin::Pin::new(&mut self.body).poll_next(cx)) {
-                Some(Ok(piece)) => self.rest = piece,
-                end_or_error => return std::task::Poll::Ready(end_or_error),
+/// Resolves at SIGTERM or Ctrl-C (actix then finishes the requests in flight and stops).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => drop(stream.recv().await),
+            Err(e) => {
+                log::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending().await
             }
         }
-        let size = self.rest.len().min(RESPONSE_CHUNK);
-        std::task::Poll::Ready(Some(Ok(self.rest.split_to(size))))
-    }
-}
-
-/// Ends a connection from outside actix: `shutdown` wakes actix, whose next write on the socket
-/// fails, so it drops the connection; `SO_LINGER` 0 makes its close a reset, so the kernel
-/// drops the unsent rest of the response too instead of holding it for a client that will not
-/// read it.
-fn reset(socket: std::os::fd::RawFd) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
     };
-    // SAFETY: `socket` is an open socket: the watchdog that calls this is aborted before actix
-    // closes it (see `WatchedBody`'s `Drop`). Both calls only change that socket's state.
-    unsafe {
-        libc::setsockopt(
-            socket,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        );
-        libc::shutdown(socket, libc::SHUT_RDWR);
-    }
-}
-
-/// Process-wide SQLite settings, made before the first connection opens.
-///
-/// - Multi-thread mode: SQLite's own mutex on each connection, taken on every call and every
-///   column read, is dropped. Each connection here is used by one thread at a time (diesel's
-///   `SqliteConnection` is not `Sync`; readers are per thread, the writer behind a mutex).
-/// - Allocation statistics off: SQLite keeps them behind one process-wide mutex, taken on every
-///   malloc and free; under concurrent readers that lock was the hottest spot in a profile, and
-///   nothing here reads them.
-/// - Every connection gets the query planner stability guarantee (QPSG). Without it, a
-///   statement whose plan *could* depend on a bound value (`LIMIT ?`, `LIKE ?`, a comparison
-///   with an indexed column when STAT4 is compiled in, as the bundled SQLite is) is thrown away
-///   and compiled again whenever its parameters change — on every request, so diesel's
-///   prepared-statement cache never got a hit and SQL was parsed each time. Plans here do not
-///   depend on values (no ANALYZE statistics), so nothing is lost.
-fn configure_sqlite() {
-    unsafe extern "C" fn enable_qpsg(
-        db: *mut libsqlite3_sys::sqlite3,
-        _error: *mut *mut std::ffi::c_char,
-        _api: *const libsqlite3_sys::sqlite3_api_routines,
-    ) -> std::ffi::c_int {
-        // SAFETY: SQLite calls this with the connection it is opening; ENABLE_QPSG takes an
-        // int (1: on) and an int pointer for the new setting, which may be null.
-        unsafe {
-            libsqlite3_sys::sqlite3_db_config(
-                db,
-                libsqlite3_sys::SQLITE_DBCONFIG_ENABLE_QPSG,
-                1 as std::ffi::c_int,
-                std::ptr::null_mut::<std::ffi::c_int>(),
-            )
-        }
-    }
-    // SAFETY: sqlite3_config is documented as callable before sqlite3_initialize, which has not
-    // run yet (no connection has been opened); MULTITHREAD takes no argument, MEMSTATUS an int.
-    // sqlite3_auto_extension takes a function with the entry-point signature above.
-    let results = unsafe {
-        [
-            libsqlite3_sys::sqlite3_config(libsqlite3_sys::SQLITE_CONFIG_MULTITHREAD),
-            libsqlite3_sys::sqlite3_config(
-                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
-                0 as std::ffi::c_int,
-            ),
-            libsqlite3_sys::sqlite3_auto_extension(Some(enable_qpsg)),
-        ]
-    };
-    // Not OK only if SQLite were already initialized: slower, but still correct.
-    debug_assert_eq!(results, [libsqlite3_sys::SQLITE_OK; 3]);
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = match signal(SignalKind::terminate()) {
-        Ok(stream) => stream,
-        Err(e) => {
-            log::error!("cannot listen for SIGTERM: {e}");
-            return std::future::pending().await;
-        }
-    };
-    let ctrl_c = tokio::signal::ctrl_c();
-    futures_util::pin_mut!(ctrl_c);
-    let which = match futures_util::future::select(Box::pin(terminate.recv()), ctrl_c).await {
-        futures_util::future::Either::Left(_) => "SIGTERM",
-        futures_util::future::Either::Right(_) => "Ctrl-C",
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    let ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let which = match futures_util::future::select(std::pin::pin!(terminate), ctrl_c).await {
+        Either::Left(_) => "SIGTERM",
+        Either::Right(_) => "Ctrl-C",
     };
     log::info!("{which} received: finishing in-flight requests, then stopping");
 }
