@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Hand-started benchmark of issue 10 (never run from CI). One run prints, for a user with 20
+# Hand-started benchmark of issues 10 and 19 (never run from CI). One run prints, for a user with 20
 # tasks and wrk -t1 -c64 beside the servers (release build), interleaved so that the ratios mean
 # something on a noisy machine:
 #
