@@ -1398,7 +1398,13 @@ impl Database {
                     0
                 } else {
                     let mut conn = open_sqlite(path).map_err(|e| e.to_string())?;
-                    migrate(&mut conn, SQLITE_MIGRATIONS)?
+                    // Instances started together take turns (an exclusive transaction, waited
+                    // for up to the busy timeout): the first migrates, the others then find
+                    // nothing left to do.
+                    let migrated = conn.exclusive_transaction(|conn| {
+                        Ok::<_, diesel::result::Error>(migrate(conn, SQLITE_MIGRATIONS))
+                    });
+                    migrated.map_err(|e| e.to_string())??
                 };
                 (
                     Database::Sqlite(SqlitePools::open(path, config)),
@@ -1786,6 +1792,10 @@ async fn migrate_postgres(url: &str, timeout: Duration) -> Result<usize, String>
     let migrated = actix_web::rt::task::spawn_blocking(move || {
         use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
         let mut conn = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+        // Instances started together take turns: the first migrates, the others then find
+        // nothing left to do. The lock is this session's, released when the connection closes.
+        let take_turn = diesel::sql_query("SELECT pg_advisory_lock(7101996)");
+        diesel::RunQueryDsl::execute(take_turn, &mut conn).map_err(|e| e.to_string())?;
         migrate(&mut conn, POSTGRES_MIGRATIONS)
     });
     migrated.await.map_err(|e| e.to_string())?
