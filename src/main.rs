@@ -194,7 +194,7 @@ impl Config {
                 Some(timeout) => timeout,
                 None => seconds("DATABASE_POOL_TIMEOUT")?.unwrap_or(Duration::from_secs(3)),
             },
-            trusted_proxies: parse_list("TRUSTED_PROXIES", |ip| ip.parse().ok(), "an IP address")?,
+            trusted_proxies: parse_list("TRUSTED_PROXIES", canonical_ip, "an IP address")?,
             body_timeout: seconds("REQUEST_BODY_TIMEOUT")?.unwrap_or(DEFAULT_BODY_TIMEOUT),
             response_timeout: seconds("RESPONSE_TIMEOUT")?.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
             max_connections: parse_env(
@@ -235,6 +235,12 @@ fn jwt_secret() -> Result<(Vec<u8>, bool), String> {
         Some((_, secret)) => Ok((secret.into_bytes(), false)),
         None => Ok((rand::random::<[u8; 32]>().to_vec(), true)),
     }
+}
+
+/// An IP address, an IPv4 one written as IPv6 (`::ffff:10.0.0.1`, as a dual-stack socket reports
+/// its IPv4 peers) read as the IPv4 address it is.
+fn canonical_ip(ip: &str) -> Option<IpAddr> {
+    ip.trim().parse().ok().map(|ip: IpAddr| ip.to_canonical())
 }
 
 /// A CORS origin: scheme and host (and port), nothing after them, e.g. `http://localhost:3000`.
@@ -2332,6 +2338,11 @@ impl Bucket<'_> {
                 let cut: String = email.chars().take(EMAIL_MAX_CHARS).collect();
                 format!("email:{cut}")
             }
+            // An IPv6 client is counted per /64: one subscriber usually holds all of one.
+            Bucket::Client(IpAddr::V6(ip)) => {
+                let prefix = u128::from(*ip) >> 64;
+                format!("client:{:x}::/64", prefix)
+            }
             Bucket::Client(ip) => format!("client:{ip}"),
             Bucket::PasswordOf(user_id) => format!("user:{user_id}"),
         }
@@ -2519,7 +2530,7 @@ impl AppState {
     fn client_ip(&self, req: &HttpRequest) -> IpAddr {
         let peer = req
             .peer_addr()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical());
         let trusted = |ip: &IpAddr| self.trusted_proxies.contains(ip);
         if !trusted(&peer) {
             return peer;
@@ -2529,11 +2540,11 @@ impl AppState {
             .flat_map(|v| v.split(','))
             .collect();
         for hop in hops.iter().rev() {
-            match hop.trim().parse() {
-                Ok(ip) if trusted(&ip) => continue,
-                Ok(ip) => return ip,
+            match canonical_ip(hop) {
+                Some(ip) if trusted(&ip) => continue,
+                Some(ip) => return ip,
                 // A hop that is not an address is not to be trusted any further.
-                Err(_) => return peer,
+                None => return peer,
             }
         }
         peer

@@ -1225,6 +1225,61 @@ fn throttle_per_client_address(backend: &Backend) {
     );
 }
 
+/// Fails 30 logins (the per-address limit) from `xff(i)`, each for an email of its own.
+fn spray(srv: &Server, xff: impl Fn(usize) -> String) {
+    for i in 0..30 {
+        let (xff, email) = (xff(i), format!("spray{i}@example.com"));
+        let response = login_json_from(srv, &xff, &email, "Password1!");
+        assert_login_failed(&response, &format!("failure {} from {xff}", i + 1));
+    }
+}
+
+/// An IPv6 client is counted per /64 (one holds billions of addresses), and an IPv4 address
+/// written as IPv6 (`::ffff:10.9.9.9`) is the same client as `10.9.9.9`.
+fn throttle_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4(backend: &Backend) {
+    let srv = server(backend).env("TRUSTED_PROXIES", "127.0.0.1").start();
+    srv.register("real@example.com", PASSWORD);
+    spray(&srv, |i| format!("2001:db8:1:2::{:x}", i + 1));
+    let same_64 = login_json_from(&srv, "2001:db8:1:2:ffff::1", "real@example.com", PASSWORD);
+    assert_429(&same_64, "another address of the same /64");
+    let other_64 = login_json_from(&srv, "2001:db8:1:3::1", "real@example.com", PASSWORD);
+    assert_login_ok(&other_64, "an address of another /64");
+
+    spray(&srv, |_| "::ffff:10.9.9.9".to_string());
+    let plain = login_json_from(&srv, "10.9.9.9", "real@example.com", PASSWORD);
+    assert_429(&plain, "10.9.9.9 after failures as ::ffff:10.9.9.9");
+}
+
+/// A server listening on `::` sees an IPv4 peer as `::ffff:127.0.0.1`: that is still the
+/// trusted proxy 127.0.0.1, so each forwarded client keeps a bucket of its own (were the proxy
+/// not recognised, every client behind it would share the proxy's, and anyone could lock out
+/// every login behind it).
+fn trusted_proxy_is_recognised_on_a_dual_stack_listener(backend: &Backend) {
+    let srv = server(backend)
+        .env("HOST", "::")
+        .env("TRUSTED_PROXIES", "127.0.0.1")
+        .start();
+    // Over IPv4, to the IPv6 socket.
+    let login_from = |xff: &str, email: &str, password: &str| {
+        let url = format!("http://127.0.0.1:{}/api/auth/login", srv.port);
+        let body = json!({"email": email, "password": password});
+        send(
+            srv.client
+                .post(url)
+                .header("X-Forwarded-For", xff)
+                .json(&body),
+        )
+    };
+    srv.register("real@example.com", PASSWORD);
+    for i in 0..30 {
+        let (xff, email) = (format!("10.1.0.{}", i + 1), format!("spray{i}@example.com"));
+        let response = login_from(&xff, &email, "Password1!");
+        assert_login_failed(&response, &format!("failure {} from {xff}", i + 1));
+    }
+    let fresh = login_from("10.1.1.1", "real@example.com", PASSWORD);
+    assert_login_ok(&fresh, "a fresh client behind the same proxy");
+}
+
 fn throttle_ignores_untrusted_forwarded_for(backend: &Backend) {
     // Without TRUSTED_PROXIES, and with TRUSTED_PROXIES not naming the peer, X-Forwarded-For is
     // ignored: spoofing it does not escape the per-address limit.
@@ -1806,6 +1861,8 @@ on_both_backends!(
     throttle_per_email_counts_every_address_and_case,
     throttle_per_client_address,
     throttle_ignores_untrusted_forwarded_for,
+    throttle_counts_ipv6_per_64_and_mapped_ipv4_as_ipv4,
+    trusted_proxy_is_recognised_on_a_dual_stack_listener,
     throttle_is_not_permanent,
     me_returns_the_user,
     patch_me,
