@@ -705,7 +705,8 @@ enum SortOrder {
 struct Health {
     #[schema(inline)]
     status: HealthStatus,
-    /// `ok`, or a short reason why the database does not answer.
+    /// `ok`, or why the database does not answer: `cannot connect`, `timed out` or
+    /// `query failed`.
     #[schema(example = "ok")]
     database: String,
 }
@@ -2662,7 +2663,7 @@ mod error_responses {
 #[utoipa::path(tag = "health", security(), responses(
     (status = 200, description = "The service and its database answer", body = Health),
     (status = 503, description = "The database does not answer", body = Health,
-        example = json!({"status": "unavailable", "database": "no database connection became available in time"})),
+        example = json!({"status": "unavailable", "database": "cannot connect"})),
 ))]
 #[get("/health")]
 async fn health(state: State) -> HttpResponse {
@@ -2670,12 +2671,14 @@ async fn health(state: State) -> HttpResponse {
         Ok(()) => (HttpResponse::Ok(), HealthStatus::Ok, "ok".into()),
         Err(e) => {
             log::warn!("health check failed: {e}");
+            // Generic: the cause can name the database, its host or its user.
             let reason = match e {
-                ApiError::Unavailable(reason) => reason,
-                _ => "query failed".into(),
+                ApiError::Unavailable(cause) if cause.contains("in time") => "timed out",
+                ApiError::Unavailable(_) => "cannot connect",
+                _ => "query failed",
             };
             let unavailable = HttpResponse::ServiceUnavailable();
-            (unavailable, HealthStatus::Unavailable, reason)
+            (unavailable, HealthStatus::Unavailable, reason.into())
         }
     };
     response.json(Health { status, database })
@@ -3294,8 +3297,12 @@ async fn serve(config: Config) -> Result<(), String> {
             .wrap(middleware::from_fn(catch_panics))
             .wrap(cors(&cors_origins))
             .wrap(middleware::ErrorHandlers::new().default_handler(json_error_bodies))
+            // No page of this server (Swagger UI's included) may be framed by another site.
             .wrap(
-                middleware::DefaultHeaders::new().add((header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
+                middleware::DefaultHeaders::new()
+                    .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+                    .add((header::X_FRAME_OPTIONS, "DENY"))
+                    .add((header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'")),
             )
             // Only when its lines are written: the logger renders its fields for every request
             // (2% of a task list's time) before it asks whether info is logged.

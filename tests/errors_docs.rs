@@ -1792,6 +1792,12 @@ fn docs_page_is_served_by_the_binary(backend: &Backend) {
         "/docs content-type: {headers:?}"
     );
     assert_nosniff("GET /docs", &headers);
+    // Not to be framed by another site (clickjacking the Authorize form).
+    assert_eq!(header(&headers, "x-frame-options").as_deref(), Some("DENY"));
+    assert_eq!(
+        header(&headers, "content-security-policy").as_deref(),
+        Some("frame-ancestors 'none'")
+    );
     assert!(
         html.to_ascii_lowercase().contains("swagger-ui"),
         "/docs is not Swagger UI: {html}"

@@ -974,10 +974,11 @@ fn postgres_health_follows_database_outage() {
             "GET /health with the database stopped: {body}"
         );
         assert_eq!(body["status"], "unavailable", "{body}");
+        // Generic: nothing about the database, its host or its user.
         let reason = body["database"].as_str().unwrap_or("");
         assert!(
-            !reason.is_empty(),
-            "database should be a non-empty string: {body}"
+            ["cannot connect", "timed out"].contains(&reason),
+            "database should say why, in general words: {body}"
         );
         assert!(
             took < quick,
