@@ -2341,8 +2341,8 @@ impl Bucket<'_> {
             }
             // An IPv6 client is counted per /64: one subscriber usually holds all of one.
             Bucket::Client(IpAddr::V6(ip)) => {
-                let prefix = u128::from(*ip) >> 64;
-                format!("client:{:x}::/64", prefix)
+                let prefix = std::net::Ipv6Addr::from(u128::from(*ip) >> 64 << 64);
+                format!("client:{prefix}/64")
             }
             Bucket::Client(ip) => format!("client:{ip}"),
             Bucket::PasswordOf(user_id) => format!("user:{user_id}"),
