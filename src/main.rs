@@ -3236,7 +3236,7 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
 
 /// The request log line: method, path without the query string (which could hold a token),
 /// status, size, time.
-const ACCESS_LOG_FORMAT: &str = r#"%a "%{method}xi %U" %s %b %Dms"#;
+const ACCESS_LOG_FORMAT: &str = r#"%a "%{method}xi %{path}xi" %s %b %Dms"#;
 
 /// One worker thread per core, as actix does by default; the PostgreSQL pools and the bcrypt
 /// permits are sized from the same number.
@@ -3309,7 +3309,10 @@ async fn serve(config: Config) -> Result<(), String> {
             .wrap(middleware::Condition::new(
                 log::log_enabled!(target: "actix_web::middleware::logger", log::Level::Info),
                 middleware::Logger::new(ACCESS_LOG_FORMAT)
-                    .custom_request_replace("method", |req| req.method().to_string()),
+                    .custom_request_replace("method", |req| req.method().to_string())
+                    // Escaped (`"` as `\"`, control and non-ASCII characters as `\u{…}`): what
+                    // a client sends must not end the quoted field and forge the ones after it.
+                    .custom_request_replace("path", |req| req.path().escape_default().to_string()),
             ))
             // Last, so outermost: it sees every response, whichever layer produced it.
             .wrap(middleware::from_fn(in_pieces))

@@ -1160,3 +1160,28 @@ fn access_log_follows_the_log_level() {
         );
     }
 }
+
+/// The access log quotes the method and path: a `"` (or a control character) sent raw in the
+/// path is escaped there, so a client cannot forge the fields that follow it on its line.
+#[test]
+fn access_log_escapes_what_it_quotes() {
+    use std::io::{Read, Write};
+    let srv = server(&Backend::Sqlite).env("RUST_LOG", "info").start();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    // No space can be sent raw in a path, but a quote can: `"GET /forged" 200 1 0.1ms"` is what
+    // the line would have said with `%20`s decoded; raw, the forgery uses quotes alone.
+    let request = "GET /forged\"200\"-\" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    std::thread::sleep(Duration::from_millis(200));
+    let log = srv.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("/forged"))
+        .unwrap_or_else(|| panic!("no access log line for the request ({answer:?}):\n{log}"));
+    assert!(
+        line.contains(r#""GET /forged\"200\"-\"" 404"#),
+        "the path's quotes are escaped: {line}"
+    );
+}
