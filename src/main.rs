@@ -2856,6 +2856,14 @@ async fn delete_me(state: State, CurrentUser(user): CurrentUser) -> Result<HttpR
 
 const TASK_NOT_FOUND: ApiError = ApiError::NotFound("Task not found");
 
+/// What is percent-encoded in a path segment: all but letters, digits and `-._~` (RFC 3986's
+/// unreserved characters), so a UUID stays as it is.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// List the user's tasks: filter, search, sort and page. `X-Total-Count` is the count before paging.
 #[utoipa::path(tag = "tasks", params(TaskOwner, TaskListQuery), responses(
     (status = 200, description = "One page of tasks", body = Vec<Task>,
@@ -2924,7 +2932,9 @@ async fn create_task(state: State, owner: TaskOwner, body: JsonBody) -> Result<H
         .values(columns)
         .returning(Task::as_returning())
         .get_result(conn))?;
-    let location = format!("/api/{}/tasks/{}", task.user_id, task.id);
+    // An external user's id is the issuer's `sub`, which may hold `/`, `?` or `#`.
+    let owner = percent_encoding::utf8_percent_encode(&task.user_id, PATH_SEGMENT);
+    let location = format!("/api/{owner}/tasks/{}", task.id);
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, location))
         .json(task))

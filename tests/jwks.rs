@@ -1942,7 +1942,23 @@ fn accounts_from_before_issuers_were_recorded_are_claimed_once(backend: &Backend
     assert_401(&me(&srv, &from_a), "issuer A after B claimed the account");
 }
 
+/// An external user id is whatever the issuer's `sub` says, `/`, `?` and `#` included: in the
+/// `Location` of a new task it is one percent-encoded path segment, so the header names this
+/// task, not another path with a query and a fragment.
+fn location_encodes_the_user_id(backend: &Backend) {
+    let ed = ed_key("ed-1");
+    let jwks = JwksServer::serving(&[&ed]);
+    let srv = start_with_jwks(backend, &jwks.url());
+    let token = ed.sign(&claims("team/7?x=1#y", "odd@example.com", "Odd"));
+    let created = post_json(&srv, "/api/me/tasks", &token, &json!({"title": "t"}));
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let id = created.body["id"].as_i64().unwrap();
+    let location = created.headers["location"].to_str().unwrap();
+    assert_eq!(location, format!("/api/team%2F7%3Fx%3D1%23y/tasks/{id}"));
+}
+
 on_both_backends!(
+    location_encodes_the_user_id,
     accepts_eddsa_es256_rs256_tokens,
     rsa_key_without_alg_accepts_rs256_and_ps256,
     jwk_alg_is_enforced,
