@@ -938,14 +938,28 @@ fn any<T>(_: &mut T) -> Result<(), Problem> {
     Ok(())
 }
 
-/// Emails compare case-insensitively: stored trimmed and lower-cased.
+/// Emails compare case-insensitively and by what they show: stored trimmed, in Unicode NFC
+/// (`josé` typed as `e` + accent is the same address as with `é`) and lower-cased.
 fn normalize_email(email: &str) -> String {
-    email.trim().to_lowercase()
+    use unicode_normalization::UnicodeNormalization;
+    email.trim().nfc().collect::<String>().to_lowercase()
+}
+
+/// Characters that do not show, or that reorder what is shown (bidirectional controls): an
+/// address holding one looks like another account's.
+fn invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{AD}' | '\u{61C}' | '\u{180E}' | '\u{200B}'..='\u{200F}'
+        )
+        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 fn email(email: &mut String) -> Result<(), Problem> {
     *email = normalize_email(email);
     let well_formed = email.chars().count() <= EMAIL_MAX_CHARS
+        && !email.chars().any(invisible)
         && email_address::EmailAddress::is_valid(email)
         && email.rsplit_once('@').is_some_and(|(_, domain)| {
             domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')

@@ -1841,7 +1841,40 @@ fn logs_never_contain_passwords_or_tokens(backend: &Backend) {
     }
 }
 
+/// An email is one account however its letters are composed (NFC), and one that holds an
+/// invisible or bidirectional control character (which would make it look like another
+/// account's) is refused.
+fn emails_are_nfc_and_refuse_invisible_characters(backend: &Backend) {
+    let srv = start(backend);
+    let composed = "jos\u{e9}@example.com"; // é
+    let decomposed = "jose\u{301}@example.com"; // e + combining acute accent
+    let created = srv.register(decomposed, PASSWORD);
+    assert_eq!(created["email"], composed, "stored in NFC: {created}");
+    let again = register_raw(&srv, &json!({"email": composed, "password": PASSWORD}));
+    assert_eq!(
+        again.0,
+        StatusCode::CONFLICT,
+        "the same address, composed: {}",
+        again.2
+    );
+    assert_login_ok(
+        &login_json_from(&srv, "10.0.0.1", composed, PASSWORD),
+        "log in with the other composition",
+    );
+    for (invisible, what) in [
+        ("a\u{200B}b@example.com", "zero-width space"),
+        ("\u{202E}moc.elpmaxe@ab", "right-to-left override"),
+        ("ab@exa\u{2066}mple.com", "left-to-right isolate"),
+        ("a\u{AD}b@example.com", "soft hyphen"),
+        ("a\u{FEFF}b@example.com", "zero-width no-break space"),
+    ] {
+        let response = register_raw(&srv, &json!({"email": invisible, "password": PASSWORD}));
+        assert_422_names(&response, "email", what);
+    }
+}
+
 on_both_backends!(
+    emails_are_nfc_and_refuse_invisible_characters,
     guard_rejects_missing_header_and_other_schemes,
     guard_rejects_forged_tokens,
     guard_leeway_is_at_most_60_seconds,
