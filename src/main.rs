@@ -2591,13 +2591,30 @@ impl AppState {
         })?;
         let hash = account.as_ref().and_then(|(_, hash, _)| hash.clone());
         let plausible = password.chars().count() >= PASSWORD_MIN_CHARS;
-        let verified = self.passwords.verify(password, hash).await? && plausible;
+        let verified = (self.passwords.verify(password.clone(), hash.clone())).await? && plausible;
         let Some((user_id, _, generation)) = account.filter(|_| verified) else {
             // The failure keeps both slots it took.
             return Err(ApiError::Unauthorized("Incorrect email or password"));
         };
         self.db.clear_attempts(by_email).await?;
         self.db.give_back_attempt(by_client).await?;
+        // A hash made before `BCRYPT_COST` changed is made again at the current cost: until then
+        // a wrong password for this account answered faster (or slower) than for an unknown
+        // email, whose dummy hash has the current cost.
+        let cost = hash
+            .as_deref()
+            .and_then(|h| h.parse::<bcrypt::HashParts>().ok());
+        if let Some(old_hash) =
+            hash.filter(|_| cost.is_some_and(|c| c.get_cost() != self.passwords.cost))
+        {
+            let new_hash = self.passwords.hash(password).await?;
+            // Only if no password change came in between (its hash must not be overwritten).
+            let unchanged = users::table
+                .find(&user_id)
+                .filter(users::password_hash.eq(old_hash));
+            let rehash = diesel::update(unchanged).set(users::password_hash.eq(&new_hash));
+            db!(self.db, write, |conn| rehash.execute(conn))?;
+        }
         Ok(HttpResponse::Ok()
             .insert_header((header::CACHE_CONTROL, "no-store"))
             .insert_header((header::PRAGMA, "no-cache"))

@@ -1873,7 +1873,58 @@ fn emails_are_nfc_and_refuse_invisible_characters(backend: &Backend) {
     }
 }
 
+/// The password hash stored for `email`, read from the database itself.
+fn stored_hash(srv: &Server, email: &str) -> String {
+    let sql = "SELECT password_hash FROM users WHERE email = $1";
+    match srv.db.sqlite_path() {
+        Some(path) => {
+            use diesel::{Connection, RunQueryDsl};
+            #[derive(diesel::QueryableByName)]
+            struct Row {
+                #[diesel(sql_type = diesel::sql_types::Text)]
+                password_hash: String,
+            }
+            let mut db = diesel::SqliteConnection::establish(path.to_str().unwrap()).unwrap();
+            let query =
+                diesel::sql_query(sql.replace("$1", "?")).bind::<diesel::sql_types::Text, _>(email);
+            query.get_result::<Row>(&mut db).unwrap().password_hash
+        }
+        None => {
+            let mut db = ::postgres::Client::connect(&srv.db.url, ::postgres::NoTls).unwrap();
+            db.query_one(sql, &[&email]).unwrap().get(0)
+        }
+    }
+}
+
+/// After `BCRYPT_COST` changes, a successful login hashes the password again at the new cost,
+/// so the account's wrong passwords take as long as an unknown email's (whose dummy hash has
+/// the new cost). A failed login changes nothing.
+fn login_rehashes_at_a_new_bcrypt_cost(backend: &Backend) {
+    let srv = server(backend).env("BCRYPT_COST", "4").start();
+    srv.register("old@example.com", PASSWORD);
+    assert!(stored_hash(&srv, "old@example.com").starts_with("$2b$04$"));
+    let db = srv.db.clone();
+    drop(srv);
+    let srv = server_on(db).env("BCRYPT_COST", "5").start();
+    let failed = login_json_from(&srv, "10.0.0.1", "old@example.com", "not the password");
+    assert_login_failed(&failed, "wrong password");
+    assert!(stored_hash(&srv, "old@example.com").starts_with("$2b$04$"));
+    assert_login_ok(
+        &login_json_from(&srv, "10.0.0.1", "old@example.com", PASSWORD),
+        "right password",
+    );
+    let rehashed = stored_hash(&srv, "old@example.com");
+    assert!(
+        rehashed.starts_with("$2b$05$"),
+        "rehashed at cost 5: {rehashed}"
+    );
+    // The new hash is the same password, and tokens issued before stay good (no generation).
+    let token = srv.login("old@example.com", PASSWORD);
+    assert_eq!(me(&srv, &token).0, StatusCode::OK);
+}
+
 on_both_backends!(
+    login_rehashes_at_a_new_bcrypt_cost,
     emails_are_nfc_and_refuse_invisible_characters,
     guard_rejects_missing_header_and_other_schemes,
     guard_rejects_forged_tokens,
