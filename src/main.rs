@@ -88,6 +88,8 @@ struct Config {
     response_timeout: Duration,
     /// Open connections at most, across all workers; more wait in the listen queue.
     max_connections: usize,
+    /// Registrations a minute from one client address.
+    registrations_per_minute: i32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -203,6 +205,12 @@ impl Config {
                 "1 to 1000000",
             )?
             .unwrap_or(5_000),
+            registrations_per_minute: parse_env(
+                "REGISTRATIONS_PER_MINUTE",
+                |n| (1..=1_000_000).contains(n),
+                "1 to 1000000",
+            )?
+            .unwrap_or(10),
         })
     }
 }
@@ -1057,8 +1065,11 @@ enum ApiError {
     /// 422 with FastAPI's list of field errors.
     #[error("invalid input: {0:?}")]
     Invalid(Vec<FieldError>),
-    #[error("Too many login attempts")]
-    TooManyRequests { retry_after: Duration },
+    #[error("{detail}")]
+    TooManyRequests {
+        retry_after: Duration,
+        detail: &'static str,
+    },
     /// A status decided by the framework (404 / 405 / 413 / 415 …) with its message.
     #[error("{1}")]
     Status(StatusCode, String),
@@ -1107,7 +1118,7 @@ impl ResponseError for ApiError {
                 response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
                 self.to_string()
             }
-            ApiError::TooManyRequests { retry_after } => {
+            ApiError::TooManyRequests { retry_after, .. } => {
                 response.insert_header((
                     header::RETRY_AFTER,
                     retry_after.as_secs().max(1).to_string(),
@@ -2340,9 +2351,23 @@ enum Bucket<'a> {
     Email(&'a str),
     Client(IpAddr),
     PasswordOf(&'a str),
+    /// Registrations from one client address (not only failed ones), at most this many.
+    Registrations(IpAddr, i32),
 }
 
 const THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+
+/// A client address as the throttle counts it: IPv4 as it is, IPv6 by its /64 (one subscriber
+/// usually holds a whole /64, billions of addresses).
+fn client_network(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(ip) => format!(
+            "{}/64",
+            std::net::Ipv6Addr::from(u128::from(ip) >> 64 << 64)
+        ),
+        ip => ip.to_string(),
+    }
+}
 
 impl Bucket<'_> {
     fn key(&self) -> String {
@@ -2353,13 +2378,17 @@ impl Bucket<'_> {
                 let cut: String = email.chars().take(EMAIL_MAX_CHARS).collect();
                 format!("email:{cut}")
             }
-            // An IPv6 client is counted per /64: one subscriber usually holds all of one.
-            Bucket::Client(IpAddr::V6(ip)) => {
-                let prefix = std::net::Ipv6Addr::from(u128::from(*ip) >> 64 << 64);
-                format!("client:{prefix}/64")
-            }
-            Bucket::Client(ip) => format!("client:{ip}"),
+            Bucket::Client(ip) => format!("client:{}", client_network(*ip)),
             Bucket::PasswordOf(user_id) => format!("user:{user_id}"),
+            Bucket::Registrations(ip, _) => format!("register:{}", client_network(*ip)),
+        }
+    }
+
+    /// What a 429 from this bucket says.
+    fn refusal(&self) -> &'static str {
+        match self {
+            Bucket::Registrations(..) => "Too many registrations",
+            _ => "Too many login attempts",
         }
     }
 
@@ -2367,6 +2396,7 @@ impl Bucket<'_> {
     fn limit(&self) -> i32 {
         match self {
             Bucket::Email(_) | Bucket::PasswordOf(_) => 10,
+            Bucket::Registrations(_, limit) => *limit,
             Bucket::Client(_) => 30,
         }
     }
@@ -2405,6 +2435,7 @@ impl Database {
         }
         let wait_ms = (started_ms + window_ms - now_ms).max(0) as u64;
         Err(ApiError::TooManyRequests {
+            detail: bucket.refusal(),
             retry_after: Duration::from_millis(wait_ms + 999),
         })
     }
@@ -2453,6 +2484,7 @@ struct AppState {
     passwords: Arc<PasswordHasher>,
     trusted_proxies: Arc<[IpAddr]>,
     body_timeout: Duration,
+    registrations_per_minute: i32,
 }
 
 impl AppState {
@@ -2666,6 +2698,10 @@ mod error_responses {
         TooManyAttempts(ErrorDetail) = (status = 429,
             headers(("Retry-After" = u64, description = "Seconds until another attempt is allowed")),
             example = json!({"detail": "Too many login attempts"}));
+        /// Too many registrations from this client address (`REGISTRATIONS_PER_MINUTE`, 10 by default)
+        TooManyRegistrations(ErrorDetail) = (status = 429,
+            headers(("Retry-After" = u64, description = "Seconds until another registration is allowed")),
+            example = json!({"detail": "Too many registrations"}));
         /// `{user_id}` is another user
         NotYourTasks(ErrorDetail) = (status = 403,
             example = json!({"detail": "Not allowed to access another user's tasks"}));
@@ -2718,13 +2754,18 @@ async fn health(state: State) -> HttpResponse {
 // ----- [auth] ------------------------------------------------------------------------------------
 
 /// Create an account.
+///
+/// At most `REGISTRATIONS_PER_MINUTE` (10 by default) a minute from one client address.
 #[utoipa::path(tag = "auth", security(), request_body = RegisterRequest, responses(
     (status = 201, description = "The new user", body = User),
-    EmailTaken, BodyTooLarge, NotJson, Invalid,
+    EmailTaken, BodyTooLarge, NotJson, Invalid, TooManyRegistrations,
 ))]
 #[post("/api/auth/register")]
-async fn register(state: State, body: JsonBody) -> Result<HttpResponse> {
+async fn register(state: State, req: HttpRequest, body: JsonBody) -> Result<HttpResponse> {
     let body: RegisterRequest = body.parse()?;
+    let client = state.client_ip(&req);
+    let from_client = Bucket::Registrations(client, state.registrations_per_minute);
+    state.db.take_attempt(from_client).await?;
     let password_hash = state.passwords.hash(body.password).await?;
     let (id, time) = (uuid::Uuid::new_v4().to_string(), now());
     let new_user = NewUser {
@@ -3405,6 +3446,7 @@ impl AppState {
             passwords: Arc::new(passwords),
             trusted_proxies: config.trusted_proxies.clone().into(),
             body_timeout: config.body_timeout,
+            registrations_per_minute: config.registrations_per_minute,
         })
     }
 }

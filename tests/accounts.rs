@@ -1923,7 +1923,47 @@ fn login_rehashes_at_a_new_bcrypt_cost(backend: &Backend) {
     assert_eq!(me(&srv, &token).0, StatusCode::OK);
 }
 
+/// Registrations are throttled per client address (each one costs a bcrypt hash): past
+/// `REGISTRATIONS_PER_MINUTE`, 429 with `Retry-After`, while other addresses go on.
+fn registrations_are_throttled_per_client_address(backend: &Backend) {
+    let srv = server(backend)
+        .env("REGISTRATIONS_PER_MINUTE", "3")
+        .env("TRUSTED_PROXIES", "127.0.0.1")
+        .start();
+    let register_from = |xff: &str, email: &str| {
+        let body = json!({"email": email, "password": PASSWORD});
+        send(
+            srv.post("/api/auth/register")
+                .header("X-Forwarded-For", xff)
+                .json(&body),
+        )
+    };
+    for i in 0..3 {
+        let created = register_from("10.0.0.1", &format!("new{i}@example.com"));
+        assert_eq!(
+            created.0,
+            StatusCode::CREATED,
+            "registration {}: {}",
+            i + 1,
+            created.2
+        );
+    }
+    let refused = register_from("10.0.0.1", "new3@example.com");
+    assert_eq!(refused.0, StatusCode::TOO_MANY_REQUESTS, "{}", refused.2);
+    assert_eq!(refused.2, json!({"detail": "Too many registrations"}));
+    let wait: u64 = refused.1["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&wait), "Retry-After: {wait}");
+    let other = register_from("10.0.0.2", "new3@example.com");
+    assert_eq!(other.0, StatusCode::CREATED, "another address: {}", other.2);
+    // Logins are not registrations: the throttled address still signs in.
+    assert_login_ok(
+        &login_json_from(&srv, "10.0.0.1", "new0@example.com", PASSWORD),
+        "login from the throttled address",
+    );
+}
+
 on_both_backends!(
+    registrations_are_throttled_per_client_address,
     login_rehashes_at_a_new_bcrypt_cost,
     emails_are_nfc_and_refuse_invisible_characters,
     guard_rejects_missing_header_and_other_schemes,

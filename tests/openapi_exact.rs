@@ -299,6 +299,7 @@ fn each_error_status_shows_its_own_example() {
                 "413" => detail.starts_with("Request body is larger than"),
                 "415" => detail.starts_with("Unsupported media type"),
                 "422" => detail.contains("\"loc\""),
+                "429" if path == "/api/auth/register" => detail == "Too many registrations",
                 "429" => detail == "Too many login attempts",
                 _ => false,
             };
