@@ -161,6 +161,8 @@ impl Config {
             parse_env(name, valid, "seconds between 0 and 3600")
                 .map(|s| s.map(Duration::from_secs_f64))
         };
+        let count =
+            |name, max: u32| parse_env(name, |n| (1..=max).contains(n), &format!("1 to {max}"));
         let minutes = "minutes from 1 to 525600";
         let token_minutes = parse_env(
             "ACCESS_TOKEN_EXPIRE_MINUTES",
@@ -186,11 +188,7 @@ impl Config {
             )?,
             bcrypt_cost: parse_env("BCRYPT_COST", |c| (4..=31).contains(c), "4 to 31")?
                 .unwrap_or(12),
-            pool_size: parse_env(
-                "DATABASE_POOL_SIZE",
-                |n| (1..=1000).contains(n),
-                "1 to 1000",
-            )?,
+            pool_size: count("DATABASE_POOL_SIZE", 1000)?,
             // DATABASE_POOL_TIMEOUT is the variable's older name, still honoured.
             database_timeout: match seconds("DATABASE_TIMEOUT")? {
                 Some(timeout) => timeout,
@@ -199,18 +197,9 @@ impl Config {
             trusted_proxies: parse_list("TRUSTED_PROXIES", canonical_ip, "an IP address")?,
             body_timeout: seconds("REQUEST_BODY_TIMEOUT")?.unwrap_or(DEFAULT_BODY_TIMEOUT),
             response_timeout: seconds("RESPONSE_TIMEOUT")?.unwrap_or(DEFAULT_RESPONSE_TIMEOUT),
-            max_connections: parse_env(
-                "MAX_CONNECTIONS",
-                |n| (1..=1_000_000).contains(n),
-                "1 to 1000000",
-            )?
-            .unwrap_or(5_000),
-            registrations_per_minute: parse_env(
-                "REGISTRATIONS_PER_MINUTE",
-                |n| (1..=1_000_000).contains(n),
-                "1 to 1000000",
-            )?
-            .unwrap_or(10),
+            max_connections: count("MAX_CONNECTIONS", 1_000_000)?.unwrap_or(5_000) as usize,
+            registrations_per_minute: count("REGISTRATIONS_PER_MINUTE", 1_000_000)?.unwrap_or(10)
+                as i32,
         })
     }
 }
@@ -3320,6 +3309,27 @@ fn cors(origins: &[String]) -> actix_cors::Cors {
 /// status, size, time.
 const ACCESS_LOG_FORMAT: &str = r#"%a "%{method}xi %{path}xi" %s %b %Dms"#;
 
+/// The access log, left out when its lines would not be written: the logger renders its fields
+/// for every request (2% of a task list's time) before it asks whether info is logged.
+fn access_log() -> middleware::Condition<middleware::Logger> {
+    let logger = middleware::Logger::new(ACCESS_LOG_FORMAT)
+        .custom_request_replace("method", |req| req.method().to_string())
+        // Escaped (`"` as `\"`, control and non-ASCII characters as `\u{…}`): what a client
+        // sends must not end the quoted field and forge the ones after it.
+        .custom_request_replace("path", |req| req.path().escape_default().to_string());
+    let written = log::log_enabled!(target: "actix_web::middleware::logger", log::Level::Info);
+    middleware::Condition::new(written, logger)
+}
+
+/// Headers on every response: no content-type sniffing, and no page of this server (Swagger
+/// UI's included) framed by another site.
+fn security_headers() -> middleware::DefaultHeaders {
+    middleware::DefaultHeaders::new()
+        .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .add((header::X_FRAME_OPTIONS, "DENY"))
+        .add((header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'"))
+}
+
 /// One worker thread per core, as actix does by default; the PostgreSQL pools and the bcrypt
 /// permits are sized from the same number.
 fn worker_threads() -> usize {
@@ -3379,23 +3389,8 @@ async fn serve(config: Config) -> Result<(), String> {
             .wrap(middleware::from_fn(catch_panics))
             .wrap(cors(&cors_origins))
             .wrap(middleware::ErrorHandlers::new().default_handler(json_error_bodies))
-            // No page of this server (Swagger UI's included) may be framed by another site.
-            .wrap(
-                middleware::DefaultHeaders::new()
-                    .add((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
-                    .add((header::X_FRAME_OPTIONS, "DENY"))
-                    .add((header::CONTENT_SECURITY_POLICY, "frame-ancestors 'none'")),
-            )
-            // Only when its lines are written: the logger renders its fields for every request
-            // (2% of a task list's time) before it asks whether info is logged.
-            .wrap(middleware::Condition::new(
-                log::log_enabled!(target: "actix_web::middleware::logger", log::Level::Info),
-                middleware::Logger::new(ACCESS_LOG_FORMAT)
-                    .custom_request_replace("method", |req| req.method().to_string())
-                    // Escaped (`"` as `\"`, control and non-ASCII characters as `\u{…}`): what
-                    // a client sends must not end the quoted field and forge the ones after it.
-                    .custom_request_replace("path", |req| req.path().escape_default().to_string()),
-            ))
+            .wrap(security_headers())
+            .wrap(access_log())
             // Last, so outermost: it sees every response, whichever layer produced it.
             .wrap(middleware::from_fn(in_pieces))
     })
