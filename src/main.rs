@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use actix_web::body::MessageBody;
+use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{Payload, ResourceDef, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::http::{Method, StatusCode};
@@ -1600,7 +1600,11 @@ impl bb8::ManageConnection for SqliteManager {
     /// would wait for it. So is one left inside a transaction.
     fn has_broken(&self, pooled: &mut PooledSqlite) -> bool {
         use diesel_async::pooled_connection::PoolableConnection;
-        pooled.running.load(Ordering::Acquire) > 0 || pooled.conn.is_broken()
+        if pooled.running.load(Ordering::Acquire) > 0 {
+            // `:memory:`'s one connection is its database: closing it would lose every row.
+            return self.path != ":memory:";
+        }
+        pooled.conn.is_broken()
     }
 }
 
@@ -3510,9 +3514,11 @@ async fn in_pieces(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let res = next.call(req).await?;
     Ok(res.map_body(|_, body| {
+        if !matches!(body.size(), BodySize::Sized(size) if size > RESPONSE_CHUNK as u64) {
+            return body.boxed(); // small, empty or a stream: as it is
+        }
         let body = match body.try_into_bytes() {
-            Ok(bytes) if bytes.len() > RESPONSE_CHUNK => bytes,
-            Ok(small) => return small.boxed(),
+            Ok(bytes) => bytes,
             Err(body) => return body.boxed(),
         };
         let size = body.len() as u64;
