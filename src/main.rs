@@ -2310,6 +2310,12 @@ impl PasswordHasher {
             .map_err(|_| ApiError::Internal("bcrypt panicked".into()))
     }
 
+    /// Whether `hash` was made at another cost than `BCRYPT_COST` (bcrypt's hash says its cost).
+    fn outdated(&self, hash: &str) -> bool {
+        let parts = hash.parse::<bcrypt::HashParts>();
+        parts.is_ok_and(|parts| parts.get_cost() != self.cost)
+    }
+
     async fn hash(&self, password: String) -> Result<String> {
         let cost = self.cost;
         let hashed = self.run(move || bcrypt::hash(password, cost)).await?;
@@ -2626,12 +2632,7 @@ impl AppState {
         // A hash made before `BCRYPT_COST` changed is made again at the current cost: until then
         // a wrong password for this account answered faster (or slower) than for an unknown
         // email, whose dummy hash has the current cost.
-        let cost = hash
-            .as_deref()
-            .and_then(|h| h.parse::<bcrypt::HashParts>().ok());
-        if let Some(old_hash) =
-            hash.filter(|_| cost.is_some_and(|c| c.get_cost() != self.passwords.cost))
-        {
+        if let Some(old_hash) = hash.filter(|hash| self.passwords.outdated(hash)) {
             let new_hash = self.passwords.hash(password).await?;
             // Only if no password change came in between (its hash must not be overwritten).
             let unchanged = users::table
